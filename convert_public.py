@@ -1,0 +1,494 @@
+"""Convert a public sequential-recommendation dataset (MovieLens, S3Rec-style Amazon) into the
+TencentGR layout of ../shared/docs/DATA_FORMAT.md, split leave-one-out as in
+../shared/docs/BENCHMARKS_PROTOCOL.md.
+
+    python convert_public.py --format movielens --input ../shared/data/ml-100k --out data/ml100k
+    python convert_public.py --format s3rec --input ../shared/data/s3rec-Beauty --out data/beauty
+
+Inputs
+  movielens: --input is the folder; the variant is recognised by its ratings file:
+    u.data + u.item + u.user [+ u.genre]   (100K; tabs / '|', u.item latin-1, 19 genre flags)
+    ratings.dat + movies.dat [+ users.dat] (1M, 10M; '::'; 10M has no users.dat)
+    ratings.csv + movies.csv               (20M, 25M, latest, latest-small; header line)
+  s3rec: --input is <Name>.txt (`user item1 item2 ...` in time order, no timestamps) or a folder
+    holding exactly one .txt; <Name>_item2attributes.json beside it is used when present.
+
+Outputs (DIR = --out)
+  DIR/train:  seq.jsonl, seq_offsets.pkl, indexer.pkl, item_feat_dict.json
+  DIR/valid, DIR/test:  predict_seq.jsonl, predict_seq_offsets.pkl, predict_set.jsonl,
+                        ground_truth.jsonl
+  DIR/dataset_meta.json: source, counts, feature ids, has_timestamps.
+
+Split. Per user, events are sorted stably by (timestamp, original file order). Train holds every
+event but the last two; valid's history is the same and its target the second-last event; test's
+history adds that event and its target is the last one. Targets are the last / second-last events
+whatever their action (with --min_rating a target can be an exposure; BENCHMARKS_PROTOCOL.md's
+leave-one-out ignores ratings). Users with fewer than --min_seq_len events (at least 3, which
+the split needs) are dropped and counted; the catalogue is every item of the kept events.
+Each line ends with one profile record `[u, null, {user feats}, null, null, ts]` whose ts is the
+last event's ts + 1 day (+1 position without timestamps); it never reveals the target's time.
+
+Ids. indexer['u'] raw user id str -> re-id, indexer['i'] raw item id int -> re-id (both from 1,
+ascending raw id); indexer['f'][fid] raw value -> re-id from 1 (ascending raw value);
+indexer['a'] = {1: 1, 0: 2}. Records carry re-ids (valid/test users too: all are known).
+ground_truth.jsonl and predict_set.jsonl carry raw ids; retrieval_id = item re-id - 1.
+Actions: 1 click for every event; --min_rating R turns MovieLens ratings < R into 0 exposures.
+
+Feature ids (list values are ARRAY features, scalars SPARSE; readers derive the schema from data)
+  103 user sparse  age bucket: MovieLens-1M codes 1, 18, 25, 35, 45, 50, 56 (100K ages bucketed)
+  104 user sparse  gender 'M' / 'F'
+  105 user sparse  occupation (100K: name, 1M: code 0..20)
+  109 user sparse  zip prefix: first character (US zip national area; letters = Canada)
+  112 item sparse  release year (100K release date, else '(YYYY)' at the end of the title;
+                   absent when unknown)
+  125 item array   MovieLens genres, S3Rec attributes (categories + brand); absent when none
+  S3Rec has no user features (empty profile dict) and no timestamps: ts = 1-based position and
+  dataset_meta.json says has_timestamps false, so time features must be off.
+"""
+import argparse
+import collections
+import csv
+import json
+import os
+import re
+import sys
+from array import array
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset import DataError, atomic_write, dump_json, dump_pickle
+
+FID_AGE, FID_GENDER, FID_OCC, FID_ZIP, FID_YEAR, FID_TAGS = "103", "104", "105", "109", "112", "125"
+FEATURE_NAMES = {FID_AGE: "age_bucket", FID_GENDER: "gender", FID_OCC: "occupation",
+                 FID_ZIP: "zip_prefix", FID_YEAR: "release_year", FID_TAGS: "genres_or_attributes"}
+AGE_CODES = (1, 18, 25, 35, 45, 50, 56)  # MovieLens-1M's age groups; bucketing a code is a no-op
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
+NO_GENRES = "(no genres listed)"  # 20M+ placeholder: an absent feature, not a genre
+TITLE_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*\d{0,4})?\s*\)\s*$")
+DAY = 86400
+
+
+class Events:
+    """Growing columns of (user, item, action, ts) in file order; numpy once parsing ends."""
+
+    def __init__(self):
+        self.user, self.item, self.ts = array("q"), array("q"), array("q")
+        self.action = array("b")
+
+    def add(self, user, item, action, ts):
+        self.user.append(user)
+        self.item.append(item)
+        self.action.append(action)
+        self.ts.append(ts)
+
+    def numpy(self):
+        return {k: np.frombuffer(getattr(self, k), dtype=np.int8 if k == "action" else np.int64)
+                for k in ("user", "item", "action", "ts")}
+
+
+def _int(tok, where, what):
+    try:
+        return int(tok)
+    except ValueError:
+        raise DataError(f"{where}: {what} {tok!r} is not an integer") from None
+
+
+def _float(tok, where, what):
+    try:
+        return float(tok)
+    except ValueError:
+        raise DataError(f"{where}: {what} {tok!r} is not a number") from None
+
+
+def _lines(path, encoding="utf-8", desc=None):
+    """(where, line) for each non-blank line, where = 'path:lineno'."""
+    with open(path, encoding=encoding, errors="replace") as f:
+        for n, line in enumerate(tqdm(f, desc=desc, unit=" lines", disable=desc is None or
+                                      not sys.stderr.isatty()), 1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield f"{path}:{n}", line
+
+
+def _split(where, line, sep, n, what):
+    parts = line.split(sep)
+    if len(parts) != n:
+        raise DataError(f"{where}: expected {n} {sep!r}-separated fields ({what}), "
+                        f"got {len(parts)}")
+    return parts
+
+
+def age_bucket(age):
+    return max(c for c in AGE_CODES if c <= age) if age >= AGE_CODES[0] else AGE_CODES[0]
+
+
+def _user_feats(age, gender, occupation, zip_code, where):
+    feats = {}
+    if age.strip():
+        feats[FID_AGE] = age_bucket(_int(age, where, "age"))
+    for fid, v in ((FID_GENDER, gender.strip()), (FID_OCC, occupation.strip()),
+                   (FID_ZIP, zip_code.strip()[:1])):
+        if v:
+            feats[fid] = v
+    return feats
+
+
+def _item_feats(year, genres):
+    feats = {}
+    if year is not None:
+        feats[FID_YEAR] = year
+    genres = list(dict.fromkeys(g for g in genres if g and g != NO_GENRES))
+    if genres:
+        feats[FID_TAGS] = genres
+    return feats
+
+
+def _title_year(title):
+    m = TITLE_YEAR.search(title)
+    return int(m.group(1)) if m else None
+
+
+def _action(rating, min_rating):
+    return 0 if min_rating is not None and rating < min_rating else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns (Events, item_meta {raw item: feats}, user_meta {raw user: feats}, info)
+# ---------------------------------------------------------------------------------------------
+
+def _need(folder, name, why):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; {why}")
+    return path
+
+
+def _read_ml100k(folder, min_rating):
+    ev = Events()
+    for where, line in _lines(os.path.join(folder, "u.data"), desc="u.data"):
+        u, i, r, t = _split(where, line, "\t", 4, "user, item, rating, timestamp")
+        ev.add(_int(u, where, "user id"), _int(i, where, "item id"),
+               _action(_float(r, where, "rating"), min_rating), _int(t, where, "timestamp"))
+    genres = ML100K_GENRES
+    if os.path.isfile(os.path.join(folder, "u.genre")):
+        genres = tuple(_split(w, ln, "|", 2, "genre, index")[0]
+                       for w, ln in _lines(os.path.join(folder, "u.genre"), "latin-1"))
+    items = {}
+    path = _need(folder, "u.item", "the 100K variant needs u.item next to u.data")
+    for where, line in _lines(path, "latin-1"):
+        f = _split(where, line, "|", 5 + len(genres),
+                   f"id, title, release date, video date, url, {len(genres)} genre flags")
+        if any(x not in ("0", "1") for x in f[5:]):
+            raise DataError(f"{where}: genre flags must be 0 or 1, got {'|'.join(f[5:])!r}")
+        date = f[2].strip()
+        year = _int(date[-4:], where, "release year") if date else _title_year(f[1])
+        items[_int(f[0], where, "item id")] = _item_feats(
+            year, [g for g, flag in zip(genres, f[5:]) if flag == "1"])
+    users = {}
+    path = _need(folder, "u.user", "the 100K variant needs u.user next to u.data")
+    for where, line in _lines(path, "latin-1"):
+        uid, age, gender, occ, zip_code = _split(where, line, "|", 5,
+                                                 "id, age, gender, occupation, zip")
+        users[_int(uid, where, "user id")] = _user_feats(age, gender, occ, zip_code, where)
+    return ev, items, users, {"variant": "ml-100k (u.data)"}
+
+
+def _read_ml_dat(folder, min_rating):
+    ev = Events()
+    for where, line in _lines(os.path.join(folder, "ratings.dat"), desc="ratings.dat"):
+        u, i, r, t = _split(where, line, "::", 4, "UserID::MovieID::Rating::Timestamp")
+        ev.add(_int(u, where, "user id"), _int(i, where, "item id"),
+               _action(_float(r, where, "rating"), min_rating), _int(t, where, "timestamp"))
+    items = {}
+    path = _need(folder, "movies.dat", "ratings.dat needs movies.dat beside it")
+    # 1M is latin-1, 10M utf-8; only ASCII parts (id, year, genres) are used, latin-1 never fails
+    for where, line in _lines(path, "latin-1"):
+        parts = line.split("::")
+        if len(parts) < 3:
+            raise DataError(f"{where}: expected MovieID::Title::Genres")
+        items[_int(parts[0], where, "item id")] = _item_feats(
+            _title_year("::".join(parts[1:-1])), parts[-1].split("|"))
+    users = {}
+    path = os.path.join(folder, "users.dat")
+    if os.path.isfile(path):
+        for where, line in _lines(path, "latin-1"):
+            uid, gender, age, occ, zip_code = _split(
+                where, line, "::", 5, "UserID::Gender::Age::Occupation::Zip-code")
+            feats = _user_feats(age, gender, occ, zip_code, where)
+            if FID_OCC in feats:
+                feats[FID_OCC] = _int(feats[FID_OCC], where, "occupation code")
+            users[_int(uid, where, "user id")] = feats
+    else:
+        print(f"notice: {path} not found (as in ML-10M): no user features")
+    return ev, items, users, {"variant": "ml-1m/10m (ratings.dat)"}
+
+
+def _csv_columns(where, header, names):
+    try:
+        return [header.index(n) for n in names]
+    except ValueError:
+        raise DataError(f"{where}: expected a header line with columns {', '.join(names)}, "
+                        f"got {','.join(header)!r}") from None
+
+
+def _read_ml_csv(folder, min_rating):
+    ev = Events()
+    path = os.path.join(folder, "ratings.csv")
+    cols = None
+    for where, line in _lines(path, desc="ratings.csv"):
+        f = line.split(",")
+        if cols is None:
+            cols = _csv_columns(where, f, ["userId", "movieId", "rating", "timestamp"])
+            continue
+        if len(f) <= max(cols):
+            raise DataError(f"{where}: expected userId,movieId,rating,timestamp, got {line!r}")
+        u, i, r, t = (f[c] for c in cols)
+        ev.add(_int(u, where, "user id"), _int(i, where, "item id"),
+               _action(_float(r, where, "rating"), min_rating), _int(t, where, "timestamp"))
+    items = {}
+    path = _need(folder, "movies.csv", "ratings.csv needs movies.csv beside it")
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        rows = csv.reader(fh)
+        cols = _csv_columns(f"{path}:1", next(rows, []), ["movieId", "title", "genres"])
+        for row in rows:
+            where = f"{path}:{rows.line_num}"
+            if not row:
+                continue
+            if len(row) <= max(cols):
+                raise DataError(f"{where}: expected movieId,title,genres, got {row!r}")
+            mid, title, genres = (row[c] for c in cols)
+            items[_int(mid, where, "movie id")] = _item_feats(_title_year(title), genres.split("|"))
+    return ev, items, {}, {"variant": "ml-20m/25m/latest (ratings.csv)"}
+
+
+def read_movielens(folder, min_rating=None):
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: not a folder; --format movielens takes the dataset folder")
+    for name, reader in (("u.data", _read_ml100k), ("ratings.dat", _read_ml_dat),
+                         ("ratings.csv", _read_ml_csv)):
+        if os.path.isfile(os.path.join(folder, name)):
+            return reader(folder, min_rating)
+    raise DataError(f"{folder}: no MovieLens ratings file (looked for u.data, ratings.dat, "
+                    f"ratings.csv)")
+
+
+def read_s3rec(path):
+    if os.path.isdir(path):
+        txts = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
+        if len(txts) != 1:
+            raise DataError(f"{path}: expected exactly one <Name>.txt in the folder, found "
+                            f"{len(txts)} ({', '.join(txts) or 'none'}); pass the .txt file")
+        path = os.path.join(path, txts[0])
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found; --format s3rec takes <Name>.txt or its folder")
+    ev, seen = Events(), {}
+    for where, line in _lines(path, desc=os.path.basename(path)):
+        toks = line.split()
+        user = _int(toks[0], where, "user id")
+        if user in seen:
+            raise DataError(f"{where}: user {user} already has a line ({seen[user]}); "
+                            f"expected one line per user")
+        seen[user] = where
+        for pos, tok in enumerate(toks[1:], 1):
+            ev.add(user, _int(tok, where, "item id"), 1, pos)
+    items = {}
+    attr_path = path[:-len(".txt")] + "_item2attributes.json" if path.endswith(".txt") else ""
+    if os.path.isfile(attr_path):
+        with open(attr_path, encoding="utf-8") as f:
+            try:
+                attrs = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{attr_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(attrs, dict):
+            raise DataError(f"{attr_path}:1: expected an object {{item id: [attribute ids]}}")
+        for k, v in attrs.items():
+            if not isinstance(v, list) or not all(type(a) is int for a in v):
+                raise DataError(f"{attr_path}: item {k!r}: expected a list of integer attribute "
+                                f"ids, got {str(v)[:60]}")
+            items[_int(k, attr_path, "item id key")] = _item_feats(None, v)
+    else:
+        print(f"notice: {attr_path or path}: no <Name>_item2attributes.json; no item features")
+    return ev, items, {}, {"variant": os.path.basename(path), "attributes_file":
+                           os.path.basename(attr_path) if os.path.isfile(attr_path) else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+
+def _reindex(values):
+    return {v: k for k, v in enumerate(sorted(values, key=lambda x: (type(x).__name__, x)), 1)}
+
+
+def _map_feats(feats, fmap):
+    return {fid: [fmap[fid][x] for x in v] if isinstance(v, list) else fmap[fid][v]
+            for fid, v in sorted(feats.items())}
+
+
+def _dumps(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _write_jsonl(path, lines):
+    """Write lines (str) to path atomically; return the byte offset of each line."""
+    offsets, pos = [], 0
+    with atomic_write(path, "wb") as f:
+        for line in lines:
+            b = (line + "\n").encode("utf-8")
+            offsets.append(pos)
+            f.write(b)
+            pos += len(b)
+    return offsets
+
+
+def convert(fmt, input_path, out, min_rating=None, min_seq_len=3):
+    """Convert `input_path` (format 'movielens' or 's3rec') into the layout under `out`.
+
+    Returns the dict written to out/dataset_meta.json.
+    """
+    if min_seq_len < 3:
+        raise DataError(f"--min_seq_len {min_seq_len}: must be at least 3 (train, valid and test "
+                        f"each need an event)")
+    if fmt == "movielens":
+        ev, item_meta, user_meta, info = read_movielens(input_path, min_rating)
+        has_ts = True
+    elif fmt == "s3rec":
+        if min_rating is not None:
+            raise DataError("--min_rating: S3Rec files hold no ratings; drop the flag")
+        ev, item_meta, user_meta, info = read_s3rec(input_path)
+        has_ts = False
+    else:
+        raise DataError(f"--format {fmt!r}: expected movielens or s3rec")
+    cols = ev.numpy()
+    if len(cols["user"]) == 0:
+        raise DataError(f"{input_path}: no interactions found")
+
+    # stable (user, ts, file order): two stable passes, least significant key first
+    order = np.argsort(cols["ts"], kind="stable")
+    order = order[np.argsort(cols["user"][order], kind="stable")]
+    users_all, starts, counts = np.unique(cols["user"][order], return_index=True,
+                                         return_counts=True)
+    keep = counts >= min_seq_len
+    users_dropped, events_dropped = int((~keep).sum()), int(counts[~keep].sum())
+    users, starts, counts = users_all[keep], starts[keep], counts[keep]
+    if len(users) == 0:
+        raise DataError(f"{input_path}: no user has {min_seq_len} or more events")
+    kept = np.concatenate([order[s:s + c] for s, c in zip(starts, counts)])
+    catalogue = np.unique(cols["item"][kept])
+
+    indexer_u = {str(u): k for k, u in enumerate(users.tolist(), 1)}
+    indexer_i = {i: k for k, i in enumerate(catalogue.tolist(), 1)}
+    raw_values = collections.defaultdict(set)
+    for meta in [user_meta.get(u, {}) for u in users.tolist()] + \
+                [item_meta.get(i, {}) for i in catalogue.tolist()]:
+        for fid, v in meta.items():
+            raw_values[fid].update(v if isinstance(v, list) else [v])
+    fmap = collections.defaultdict(dict)
+    for fid in sorted(raw_values):
+        fmap[fid] = _reindex(raw_values[fid])
+    item_feats = [_map_feats(item_meta.get(i, {}), fmap) for i in catalogue.tolist()]
+    item_json = [_dumps(f) for f in item_feats]
+
+    item_re = np.searchsorted(catalogue, cols["item"]) + 1  # every kept item is in the catalogue
+    step = DAY if has_ts else 1
+    # Python lists: per-record indexing of numpy scalars is several times slower
+    item_re, item_raw = item_re.tolist(), cols["item"].tolist()
+    action, ts = cols["action"].tolist(), cols["ts"].tolist()
+
+    def line(ureid, idx, profile):
+        recs = [f"[{ureid},{item_re[j]},null,{item_json[item_re[j] - 1]},{action[j]},{ts[j]}]"
+                for j in idx]
+        recs.append(f"[{ureid},null,{profile},null,null,{ts[idx[-1]] + step}]")
+        return "[" + ",".join(recs) + "]"
+
+    per_user = []
+    for k, (u, s, c) in enumerate(zip(users.tolist(), starts.tolist(), counts.tolist()), 1):
+        profile = _dumps(_map_feats(user_meta.get(u, {}), fmap))
+        per_user.append((k, str(u), order[s:s + c].tolist(), profile))
+    bar = dict(unit=" users", disable=not sys.stderr.isatty())
+
+    train = os.path.join(out, "train")
+    offs = _write_jsonl(os.path.join(train, "seq.jsonl"),
+                        (line(k, idx[:-2], prof) for k, _, idx, prof in
+                         tqdm(per_user, desc="train", **bar)))
+    dump_pickle(offs, os.path.join(train, "seq_offsets.pkl"))
+    dump_pickle({"u": indexer_u, "i": indexer_i, "f": fmap, "a": {1: 1, 0: 2}},
+                os.path.join(train, "indexer.pkl"))
+    dump_json({str(k): f for k, f in enumerate(item_feats, 1)},
+              os.path.join(train, "item_feat_dict.json"), separators=(",", ":"))
+    predict_set = [_dumps({"creative_id": i, "retrieval_id": k, "features": f})
+                   for k, (i, f) in enumerate(zip(catalogue.tolist(), item_feats))]
+    for split, cut in (("valid", 2), ("test", 1)):
+        d = os.path.join(out, split)
+        offs = _write_jsonl(os.path.join(d, "predict_seq.jsonl"),
+                            (line(k, idx[:-cut], prof) for k, _, idx, prof in
+                             tqdm(per_user, desc=split, **bar)))
+        dump_pickle(offs, os.path.join(d, "predict_seq_offsets.pkl"))
+        _write_jsonl(os.path.join(d, "predict_set.jsonl"), predict_set)
+        _write_jsonl(os.path.join(d, "ground_truth.jsonl"),
+                     (_dumps({"user_id": raw, "creative_id": item_raw[idx[-cut]]})
+                      for _, raw, idx, _ in per_user))
+
+    n_kept = int(counts.sum())
+    clicks = int(cols["action"][kept].sum())
+    groups = {"user_sparse": [], "user_array": [], "item_sparse": [], "item_array": []}
+    for fid in sorted(fmap):
+        side = "user" if fid in (FID_AGE, FID_GENDER, FID_OCC, FID_ZIP) else "item"
+        groups[f"{side}_{'array' if fid == FID_TAGS else 'sparse'}"].append(fid)
+    meta = {
+        "format": fmt, **info, "source": os.path.abspath(input_path),
+        "has_timestamps": has_ts,
+        "timestamp_unit": "unix seconds" if has_ts else "position (1-based)",
+        "profile_ts": f"last history ts + {step}",
+        "min_rating": min_rating, "min_seq_len": min_seq_len,
+        "split": "leave-one-out on stable (ts, file order) sort: train = all but last 2, "
+                 "valid target = second-last, test target = last (targets of any action)",
+        "counts": {"users": len(users), "items": len(catalogue), "events": n_kept,
+                   "train_events": n_kept - 2 * len(users), "clicks": clicks,
+                   "exposures": n_kept - clicks, "users_dropped": users_dropped,
+                   "events_dropped": events_dropped,
+                   "items_without_features": sum(not f for f in item_feats),
+                   "metadata_items_never_interacted": len(set(item_meta) - set(indexer_i))},
+        "feature_ids": groups,
+        "feature_names": {fid: FEATURE_NAMES[fid] for fid in sorted(fmap)},
+        "feature_cardinality": {fid: len(fmap[fid]) for fid in sorted(fmap)},
+    }
+    dump_json(meta, os.path.join(out, "dataset_meta.json"), indent=1)
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=["movielens", "s3rec"],
+                   help="input family: MovieLens folder or S3Rec <Name>.txt")
+    p.add_argument("--input", required=True,
+                   help="MovieLens folder; S3Rec <Name>.txt or a folder holding exactly one .txt")
+    p.add_argument("--out", required=True, help="output folder; gets train/, valid/, test/ and "
+                                                "dataset_meta.json")
+    p.add_argument("--min_rating", type=float, default=None,
+                   help="MovieLens only: ratings below this become exposures (action 0); "
+                        "default every event is a click")
+    p.add_argument("--min_seq_len", type=int, default=3,
+                   help="drop users with fewer events (at least 3, the leave-one-out minimum)")
+    args = p.parse_args(argv)
+    try:
+        meta = convert(args.format, args.input, args.out, args.min_rating, args.min_seq_len)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    c = meta["counts"]
+    print(f"{meta['format']} ({meta['variant']}): {c['users']} users, {c['items']} items, "
+          f"{c['events']} events ({c['exposures']} exposures) -> {args.out}")
+    if c["users_dropped"]:
+        print(f"dropped {c['users_dropped']} users with < {args.min_seq_len} events "
+              f"({c['events_dropped']} events)")
+    if not meta["has_timestamps"]:
+        print("notice: no timestamps in this dataset (ts = position); turn time features off")
+
+
+if __name__ == "__main__":
+    main()
