@@ -1,0 +1,203 @@
+"""Inference: load a checkpoint, export user queries and candidate embeddings, retrieve top-k.
+
+`infer()` follows the TAAC 2025 harness contract: no arguments, paths from EVAL_DATA_PATH,
+EVAL_RESULT_PATH, MODEL_OUTPUT_PATH and USER_CACHE_PATH; returns (top10s, user_list) with raw
+creative ids and raw user ids in predict_seq.jsonl order. It writes query.fbin, embedding.fbin,
+id.u64bin and retrive_id2creative_id.json (sic) to EVAL_RESULT_PATH. `python infer.py` also
+writes result.json like the harness. The model is rebuilt from the checkpoint's own configs, so
+no training flag is repeated. Unlike the official baseline, the user's newest event is part of
+its context.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import dataset as D
+import dataset_packed as P
+import retrieval_torch as R
+from model import GenerativeRecommender, ModelConfig
+
+
+def get_args(argv=None):
+    """Inference options; `infer()` reads them from sys.argv too (harness-style calls pass none)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--retrieval_backend", choices=["torch", "faiss", "faiss_ivf", "faiss_hnsw"], default="torch",
+                   help="top-k backend; faiss falls back to torch with a notice when not installed")
+    p.add_argument("--top_k", type=int, default=10, help="items retrieved per user")
+    p.add_argument("--batch_size", type=int, default=256, help="users per encoder batch")
+    p.add_argument("--cand_batch_size", type=int, default=4096, help="candidates per item-tower batch")
+    p.add_argument("--num_workers", type=int, default=1, help="DataLoader workers for user sequences")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--ckpt", default=None, help="checkpoint file or folder (default: MODEL_OUTPUT_PATH)")
+    p.add_argument("--mask_history", action="store_true",
+                   help="never recommend items already in the user's input history")
+    args, _ = p.parse_known_args(argv)
+    return args
+
+
+def find_checkpoint(path):
+    """A model.pt, a global_step folder, or a root of them (best.json's pick, else the newest
+    complete one: a folder counts once its meta.json exists)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, "model.pt")):
+        return os.path.join(path, "model.pt")
+    best = os.path.join(path, "best.json")
+    if os.path.exists(best):
+        cand = os.path.join(path, D.read_json(best)["path"], "model.pt")
+        if os.path.exists(cand):
+            return cand
+    steps = [d for d in glob.glob(os.path.join(path, "global_step*")) if os.path.exists(os.path.join(d, "meta.json"))]
+    if not steps:
+        raise D.DataError(f"{path}: no checkpoint (looked for model.pt or global_step*/meta.json)")
+    newest = max(steps, key=lambda d: int(d.rsplit("global_step", 1)[1]))
+    return os.path.join(newest, "model.pt")
+
+
+def load_model(ckpt, device):
+    """Rebuild the model from the checkpoint's configs (weights_only: no code runs on load)."""
+    path = find_checkpoint(ckpt)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model_cfg, data_cfg = ModelConfig(**state["model_config"]), D.DataConfig(**state["data_config"])
+    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+        raise D.DataError(f"{path}: not a checkpoint of this project ({str(e).splitlines()[0][:120]})") from None
+    model = GenerativeRecommender(model_cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise D.DataError(f"{path}: weights do not match the model config ({str(e).splitlines()[0][:160]})") from None
+    force = os.environ.get("FORCE_USE_TIMEFEAT")
+    if force is not None and bool(int(force)) != data_cfg.use_timefeat:
+        if bool(int(force)) and not model_cfg.use_timefeat:
+            raise D.DataError(f"{path}: FORCE_USE_TIMEFEAT=1 but the checkpoint was trained without time features")
+        data_cfg.use_timefeat = model.cfg.use_timefeat = bool(int(force))
+    return model.to(device).eval(), data_cfg, path
+
+
+def _artifact_dir(name, *dirs):
+    for d in dirs:
+        if d and os.path.exists(os.path.join(d, name)):
+            return d
+    raise D.DataError(f"{name}: not found in any of {', '.join(d for d in dirs if d)}")
+
+
+def prepare_tables(data_cfg, eval_dir, train_dir, cache_dir):
+    """Item table and sequence builder for inference, from the checkpoint's schema."""
+    art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
+    indexer = D.load_pickle(os.path.join(art, "indexer.pkl"))
+    item_feat_dict = D.read_json(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
+                                              "item_feat_dict.json"))
+    ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))
+    item_ctr = D.load_ctr_for(D.DataConfig(**{**D.asdict(data_cfg), "ctr_meta": {}}), ctr_dir, "seq.jsonl") \
+        if data_cfg.use_itemctr else None
+    emb_dir = next((os.path.join(d, "creative_emb") for d in (eval_dir, train_dir)
+                    if d and os.path.isdir(os.path.join(d, "creative_emb"))), None)
+    table = D.ItemTable(data_cfg, indexer, item_feat_dict, emb_dir, cache_dir, item_ctr)
+    return table, D.SequenceBuilder(data_cfg, table, indexer.get("u", {})), indexer
+
+
+@torch.no_grad()
+def export(model, table, builder, indexer, eval_dir, device, args):
+    """-> users (raw ids), queries [U, d], per-user history candidate rows, candidate creative
+    ids, retrieval ids, candidate vectors [N, d]."""
+    cids, rids, feats = P.read_candidates(eval_dir)
+    rows = table.extend(cids.tolist(), feats)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cand = []
+    for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, args.cand_batch_size), batch_size=None):
+        with amp:
+            cand.append(model.item_vectors({k: v.to(device) for k, v in b.items()}).cpu())
+    raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
+    ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=D.PackedCollate(table))
+    users, hist, queries = [], [], []
+    for b in loader:
+        users += b.pop("_user")
+        hist += b.pop("_history")
+        with amp:
+            queries.append(model.user_vectors({k: v.to(device) for k, v in b.items()}).cpu())
+    return users, torch.cat(queries).numpy(), hist, cids, rids, torch.cat(cand).numpy(), rows
+
+
+def history_exclude(hist, cand_rows):
+    """Candidate indices of each user's history items (for --mask_history / full ranking)."""
+    pos = {int(r): i for i, r in enumerate(cand_rows) if r > 0}
+    return [np.array(sorted({pos[r] for r in h.tolist() if r in pos}), np.int64) for h in hist]
+
+
+def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, data_cfg, path = load_model(ckpt, device)
+    table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
+    users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args)
+    os.makedirs(result_dir, exist_ok=True)
+    R.write_fbin(os.path.join(result_dir, "query.fbin"), q)
+    R.write_fbin(os.path.join(result_dir, "embedding.fbin"), c)
+    R.write_u64bin(os.path.join(result_dir, "id.u64bin"), rids.astype(np.uint64))
+    D.dump_json({str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())},
+                os.path.join(result_dir, "retrive_id2creative_id.json"))
+    exclude = history_exclude(hist, rows) if args.mask_history else None
+    _, idx = R.search(q, c, min(args.top_k, len(cids)), backend=args.retrieval_backend, exclude=exclude,
+                      device=device)
+    top = cids[np.asarray(idx)]
+    return [t.tolist() for t in top], users
+
+
+def infer():
+    """Harness entry point: environment-driven, returns (top10s, user_list)."""
+    args = get_args(sys.argv[1:])
+    return run(args, os.environ.get("EVAL_DATA_PATH", "data/demo/eval"),
+               os.environ.get("EVAL_RESULT_PATH", "runs/result"),
+               args.ckpt or os.environ.get("MODEL_OUTPUT_PATH", "runs/ckpt"),
+               os.environ.get("USER_CACHE_PATH", "runs/cache"),
+               os.environ.get("TRAIN_DATA_PATH", "data/demo/train"))
+
+
+@torch.no_grad()
+def evaluate_folder(model, data_cfg, table, eval_dir, train_dir, device, mask_history=True, ks=(10, 50, 200)):
+    """Full-ranking metrics on an eval-layout folder with ground_truth.jsonl (validation/test):
+    every candidate is ranked, the user's input history masked, ties counted against the target."""
+    import evaluate as E
+    was_training = model.training
+    model.eval()
+    indexer = D.load_pickle(os.path.join(_artifact_dir("indexer.pkl", eval_dir, train_dir), "indexer.pkl"))
+    builder = D.SequenceBuilder(data_cfg, table, indexer.get("u", {}))
+    args = argparse.Namespace(batch_size=256, cand_batch_size=4096, num_workers=0)
+    users, q, hist, cids, _, c, rows = export(model, table, builder, indexer, eval_dir, device, args)
+    model.train(was_training)
+    gt = E.read_ground_truth(os.path.join(eval_dir, "ground_truth.jsonl"))
+    col = {int(ci): i for i, ci in enumerate(cids.tolist())}
+    keep = [i for i, u in enumerate(users) if u in gt and int(gt[u]) in col]
+    target = np.array([col[int(gt[users[i]])] for i in keep], np.int64)
+    exclude = history_exclude([hist[i] for i in keep], rows) if mask_history else None
+    if exclude is not None:
+        exclude = [e[e != t] for e, t in zip(exclude, target)]
+    ranks = R.target_ranks(q[keep], c, target, exclude=exclude)
+    ranks = np.concatenate([ranks, np.full(len(gt) - len(keep), np.iinfo(np.int64).max)])
+    return E.metrics_from_ranks(ranks, ks)
+
+
+def main():
+    args = get_args()
+    t0 = time.time()
+    top10s, users = infer()
+    result_dir = os.environ.get("EVAL_RESULT_PATH", "runs/result")
+    D.dump_json({"time": round(time.time() - t0, 3), "top10s": top10s, "user": users},
+                os.path.join(result_dir, "result.json"))
+    print(f"{len(users)} users, top-{args.top_k} in {time.time() - t0:.1f}s -> {result_dir}/result.json")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except D.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,422 @@
+"""Train the generative recommender on a TencentGR-layout folder.
+
+Next-item InfoNCE on L2-normalised vectors: every position's query (the encoder state after that
+event, optionally told which action comes next) must pick the next item out of in-batch targets
+plus uniformly sampled negatives, with a logQ popularity correction and accidental hits masked.
+AdamW, linear warmup + cosine decay, gradient accumulation and clipping, TensorBoard, atomic
+checkpoints, optional per-epoch validation with full ranking, DDP under torchrun.
+
+Paths come from the seed's environment variables (TRAIN_DATA_PATH, TRAIN_LOG_PATH,
+TRAIN_TF_EVENTS_PATH, TRAIN_CKPT_PATH, USER_CACHE_PATH) with defaults under ./data and ./runs.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dataset as D
+from model import GenerativeRecommender, ModelConfig
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {v!r}")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def flag(name, default, help):
+        p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help + f" (default {default})")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--maxlen", type=int, default=100, help="item events in the input window (one user token is added)")
+    g.add_argument("--mm_emb_id", nargs="*", default=None,
+                   help="multimodal feature ids to use, e.g. 81 82 (default: 81 when present; pass none for no vectors)")
+    flag("--use_timefeat", True, "hour/weekday/week embeddings and the log gap to the previous event")
+    flag("--use_ctr", False, "CTR channels: user 150 (running) and item 151 (leave-one-out for targets)")
+    flag("--use_userctr", None, "user CTR channel (defaults to --use_ctr)")
+    flag("--use_itemctr", None, "item CTR channel (defaults to --use_ctr)")
+    g.add_argument("--ctr_dir", default=None, help="folder of precompute_ctr.py outputs "
+                   "(default: USER_CACHE_PATH/ctr, then TRAIN_DATA_PATH/ctr)")
+    g.add_argument("--valid_dir", default=None, help="validation folder in the eval layout "
+                   "(default: ../valid beside the train folder when it exists; 'none' disables)")
+    g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    flag("--pin_memory", False, "pin host memory for faster host-to-GPU copies")
+    g.add_argument("--limit_users", type=int, default=None, help="train on the first N lines only (smoke tests)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder_type", choices=["hstu", "transformer"], default="hstu", help="encoder blocks")
+    g.add_argument("--hidden_units", type=int, default=64, help="model width d")
+    g.add_argument("--feat_dim", type=int, default=0, help="width of each feature embedding (0 = hidden_units)")
+    g.add_argument("--num_blocks", type=int, default=2, help="encoder blocks")
+    g.add_argument("--num_heads", type=int, default=2, help="attention heads")
+    g.add_argument("--dqk", type=int, default=32, help="HSTU per-head query/key width")
+    g.add_argument("--dv", type=int, default=32, help="HSTU per-head value width")
+    g.add_argument("--dropout_rate", type=float, default=0.2, help="dropout on embeddings, attention and outputs")
+    flag("--norm_first", True, "pre-norm blocks")
+    g.add_argument("--norm_type", choices=["rmsnorm", "layernorm"], default="rmsnorm", help="normalisation layer")
+    g.add_argument("--hstu_attn", choices=["softmax", "silu"], default="softmax",
+                   help="HSTU attention: softmax via SDPA, or the paper's pointwise SiLU / #keys")
+    flag("--use_rope", False, "rotary position embedding on queries and keys")
+    flag("--use_rel_bias", False, "learned relative position and time-gap attention biases")
+    g.add_argument("--rel_pos_buckets", type=int, default=32, help="relative position buckets")
+    g.add_argument("--rel_time_buckets", type=int, default=32, help="log2 time-gap buckets")
+    flag("--use_abs_pos", True, "learned absolute position embedding (from the window start)")
+    flag("--use_senet", False, "squeeze-and-excitation gates over feature blocks (user and item sides)")
+    flag("--action_cond", False, "tell the encoder the next action (click at inference)")
+    flag("--grad_checkpoint", False, "recompute encoder blocks in the backward pass to save memory")
+    p.add_argument("--first_epoch_id_item_dropout", type=float, nargs="?", const=0.5, default=0.0,
+                   help="drop user/item id embeddings with this rate in epoch 1, cosine-annealed to 0 by its "
+                        "end (bare flag: 0.5; default off)")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    g.add_argument("--num_neg", type=int, default=512, help="uniform random negatives per batch (shared)")
+    flag("--in_batch_neg", True, "use the batch's other targets as negatives")
+    flag("--logq", True, "subtract log expected sampling count (popularity) from every logit")
+    g.add_argument("--nce_weight_scheme", choices=["none", "fixed", "cb", "focal"], default="none",
+                   help="per-target weights: fixed click/exposure, class-balanced, or focal")
+    g.add_argument("--click_weight", type=float, default=2.0, help="weight of click targets for 'fixed'")
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal exponent")
+    flag("--two_tau", False, "temperature by the target's action (--tau_click, --tau_expo)")
+    g.add_argument("--tau_click", type=float, default=0.03, help="temperature for click targets")
+    g.add_argument("--tau_expo", type=float, default=0.05, help="temperature for exposure targets")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=128, help="users per micro-batch (per process)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases/embeddings)")
+    g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup optimizer steps")
+    g.add_argument("--num_epochs", type=int, default=3, help="passes over the training users")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--clip_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    g.add_argument("--seed", type=int, default=42, help="seed for every RNG")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without validation gain (0 = off)")
+    g.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    return p.parse_args(argv)
+
+
+def env_paths():
+    data = os.environ.get("TRAIN_DATA_PATH", "data/demo/train")
+    runs = "runs"
+    return {"data": data,
+            "log": os.environ.get("TRAIN_LOG_PATH", f"{runs}/logs"),
+            "tb": os.environ.get("TRAIN_TF_EVENTS_PATH", f"{runs}/tb"),
+            "ckpt": os.environ.get("TRAIN_CKPT_PATH", f"{runs}/ckpt"),
+            "cache": os.environ.get("USER_CACHE_PATH", f"{runs}/cache")}
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup, total):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def id_dropout_at(p0, epoch, frac):
+    """Epoch 1: p0 * (1 + cos(pi * frac)) / 2 (frac = progress through the epoch); then 0."""
+    return p0 * 0.5 * (1 + math.cos(math.pi * frac)) if epoch == 0 and p0 > 0 else 0.0
+
+
+def resolve_mm(args, data_dir):
+    if args.mm_emb_id is None:
+        return ["81"] if D._mm_sources(os.path.join(data_dir, "creative_emb"), "81") else []
+    return [] if args.mm_emb_id in (["none"], []) else [str(x) for x in args.mm_emb_id]
+
+
+def save_checkpoint(root, step, model, model_cfg, data_cfg, args, extra):
+    """Write global_step{N}/model.pt atomically, then meta.json last (its presence = complete)."""
+    d = os.path.join(root, f"global_step{step}")
+    state = {"model": model.state_dict(), "model_config": model_cfg.to_dict(),
+             "data_config": D.asdict(data_cfg), "args": vars(args), "global_step": step, **extra}
+    with D.atomic_write(os.path.join(d, "model.pt"), "wb") as f:
+        torch.save(state, f)
+    D.dump_json({"global_step": step, **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}},
+                os.path.join(d, "meta.json"))
+    return d
+
+
+def read_item_pop(data_dir, ctr_dir, seq_path, num_items):
+    """Item event counts (item_pop.json from precompute_ctr.py: train folder, then CTR folder;
+    counted from seq.jsonl when neither has it) -> log sampling probability per item row."""
+    import precompute_ctr
+    for d in (data_dir, ctr_dir):
+        path = os.path.join(d, "item_pop.json") if d else None
+        if path and os.path.exists(path):
+            pop = D.read_json(path)
+            ids = np.array([int(k) for k in pop["counts"]], np.int64)
+            cnt = np.array(list(pop["counts"].values()), np.float64)
+            break
+    else:
+        c = precompute_ctr.count_events(seq_path)
+        ids, cnt = c["item_ids"], c["item_events"].astype(np.float64)
+    counts = np.zeros(num_items + 1)
+    keep = ids <= num_items
+    counts[ids[keep]] = cnt[keep]
+    prob = (counts + 1.0) / (counts.sum() + num_items + 1.0)        # add-one: no item has p = 0
+    return torch.from_numpy(np.log(prob)).float()
+
+
+def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True):
+    """Per-target InfoNCE on L2-normalised vectors -> (loss [N], positive logit [N]).
+
+    Candidates: the positive, the other targets of the batch (in_batch) and shared sampled
+    negatives. Any candidate with the positive's item id (including the target itself among
+    the in-batch columns) is masked: an accidental hit is not a negative. With log_pop, every
+    logit (positive included) is corrected by the log of the item's expected count in the
+    candidate set, N * p(item) for in-batch plus S / num_items for uniform samples (sampled
+    softmax, Yi et al. 2019); without it popular items are over-penalised.
+    """
+    pos_logit = (q * pos).sum(-1)                                      # [N]
+    cols, ids = [], []
+    if in_batch:
+        cols.append(pos)
+        ids.append(pos_ids)
+    if negs is not None:
+        cols.append(negs)
+        ids.append(neg_ids)
+    if not cols:
+        raise ValueError("InfoNCE needs in-batch or sampled negatives")
+    cand, cand_ids = torch.cat(cols), torch.cat(ids)                  # [M, d], [M]
+    neg_logit = (q @ cand.T).masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]
+    if log_pop is not None:
+        def log_expected(i):
+            e = torch.zeros(i.shape, device=q.device)
+            if in_batch:
+                e = e + len(pos_ids) * log_pop[i].exp()
+            if negs is not None:
+                e = e + len(neg_ids) / max(1, num_items)
+            return e.log()
+        logits = logits - torch.cat([log_expected(pos_ids).unsqueeze(1),
+                                     log_expected(cand_ids).unsqueeze(0).expand(len(q), -1)], 1)
+    return torch.logsumexp(logits, 1) - logits[:, 0], pos_logit
+
+
+def nce_weights(scheme, pos_act, loss, click_weight=2.0, gamma=2.0, click_rate=0.1):
+    """Per-target weights by the target's action (action ids: 1 exposure, 2 click, 3 conversion).
+
+    fixed: clicks weigh click_weight; cb: class-balanced, 1 / (2 * class share) so both classes
+    weigh the same in total; focal: (1 - p_pos)^gamma with p_pos = exp(-loss), detached.
+    """
+    click = pos_act >= 2
+    if scheme == "none":
+        return torch.ones_like(loss)
+    if scheme == "fixed":
+        return torch.where(click, click_weight, 1.0).to(loss.dtype)
+    if scheme == "cb":
+        r = min(max(click_rate, 1e-6), 1 - 1e-6)
+        return torch.where(click, 0.5 / r, 0.5 / (1 - r)).to(loss.dtype)
+    if scheme == "focal":
+        return (1 - torch.exp(-loss.detach())).clamp(min=0).pow(gamma)
+    raise ValueError(f"unknown nce_weight_scheme {scheme!r}")
+
+
+class Trainer(torch.nn.Module):
+    """The whole loss as one forward(), so DistributedDataParallel sees every parameter use."""
+
+    def __init__(self, model, args, log_pop, num_items, click_rate):
+        super().__init__()
+        self.model, self.args, self.num_items, self.click_rate = model, args, num_items, click_rate
+        self.register_buffer("log_pop", log_pop, persistent=False)
+
+    def forward(self, batch):
+        m, a = self.model, self.args
+        h = m.encode(batch)                                                # [B, T, d]
+        valid = (batch["pos_row"] > 0) & (batch["token_type"] != D.PAD)    # [B, T]
+        pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
+        q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
+        pos = m.item_tower({k[4:]: v[valid] for k, v in batch.items()
+                            if k.startswith("pos_") and k not in ("pos_row", "pos_action")})
+        negs = m.embed_items(batch, "neg_") if a.num_neg else None
+        tau = torch.full(pos_ids.shape, a.temperature, device=q.device)
+        if a.two_tau:
+            tau = torch.where(pos_act >= 2, a.tau_click, a.tau_expo).float()
+        loss, _ = info_nce(F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1), pos_ids,
+                           None if negs is None else F.normalize(negs.float(), dim=-1),
+                           batch.get("neg_row"), tau, self.log_pop if a.logq else None, self.num_items,
+                           a.in_batch_neg)
+        w = nce_weights(a.nce_weight_scheme, pos_act, loss, a.click_weight, a.focal_gamma, self.click_rate)
+        return (loss * w).sum() / w.sum().clamp(min=1e-9)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    seed_everything(args.seed + rank)
+    paths = env_paths()
+    say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+
+    if args.use_userctr is None:
+        args.use_userctr = args.use_ctr
+    if args.use_itemctr is None:
+        args.use_itemctr = args.use_ctr
+    ctr_dir = D.find_ctr_dir(args.ctr_dir, os.path.join(paths["cache"], "ctr"), os.path.join(paths["data"], "ctr"))
+    data_cfg = D.DataConfig(maxlen=args.maxlen, use_timefeat=args.use_timefeat, use_userctr=args.use_userctr,
+                            use_itemctr=args.use_itemctr, mm_emb_id=resolve_mm(args, paths["data"]))
+    if args.use_timefeat and not D.dataset_has_timestamps(paths["data"]):
+        say("notice: this dataset has no real timestamps; time features switched off")
+        data_cfg.use_timefeat = False
+    data_cfg, table, builder, seq_path, offsets = D.load_train_data(
+        paths["data"], data_cfg, paths["cache"], ctr_dir, args.limit_users)
+    log_pop = read_item_pop(paths["data"], ctr_dir, seq_path, data_cfg.num_items)
+
+    model_cfg = ModelConfig(**{k: getattr(args, k) for k in (
+        "encoder_type", "hidden_units", "num_blocks", "num_heads", "dqk", "dv", "dropout_rate", "norm_first",
+        "norm_type", "hstu_attn", "use_rope", "use_rel_bias", "rel_pos_buckets", "rel_time_buckets",
+        "use_abs_pos", "use_senet", "action_cond", "grad_checkpoint", "feat_dim", "maxlen")},
+        **{k: getattr(data_cfg, k) for k in ("num_users", "num_items", "user_sparse", "user_array", "item_sparse",
+                                             "item_array", "mm_dims", "use_timefeat", "use_userctr", "use_itemctr")})
+    raw_model = GenerativeRecommender(model_cfg).to(device)
+    click_rate = float(table.ctr_c.sum() / max(1.0, table.ctr_n.sum())) if table.ctr_meta else 0.1
+    trainer = Trainer(raw_model, args, log_pop, data_cfg.num_items, click_rate).to(device)
+    if ddp:
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            trainer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    ds = D.SeqDataset(seq_path, offsets, builder, train=True)
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed) if ddp else None
+    gen = torch.Generator().manual_seed(args.seed + rank)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
+        num_workers=args.num_workers, pin_memory=args.pin_memory and device.type == "cuda",
+        collate_fn=D.PackedCollate(table, args.num_neg, data_cfg.num_items), worker_init_fn=D.seed_worker,
+        generator=gen, persistent_workers=args.num_workers > 0)
+
+    decay, no_decay = [], []
+    for n, prm in raw_model.named_parameters():
+        (no_decay if prm.dim() < 2 or "emb" in n or "norm" in n else decay).append(prm)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    valid_dir = None if args.valid_dir == "none" else (args.valid_dir or _default_valid(paths["data"]))
+    writer, logf = None, None
+    if master:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(paths["tb"])
+        os.makedirs(paths["log"], exist_ok=True)
+        logf = open(os.path.join(paths["log"], "train.log"), "a")
+        nparams = sum(p.numel() for p in raw_model.parameters())
+        say(f"users {len(ds)}  items {data_cfg.num_items}  params {nparams / 1e6:.2f}M  device {device}  "
+            f"world {world}  effective batch {args.batch_size * args.gradient_accumulation_steps * world}  "
+            f"steps {total_steps}  mm {data_cfg.mm_emb_id}  ctr_dir {ctr_dir if (args.use_userctr or args.use_itemctr) else '-'}"
+            f"  valid {valid_dir or '-'}")
+        logf.write(json.dumps({"event": "start", "args": vars(args), "world": world}) + "\n")
+
+    step, best, bad_epochs, t0 = 0, None, 0, time.time()
+    last_ckpt = None
+    for epoch in range(args.num_epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        trainer.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not (master and sys.stderr.isatty()))
+        micro, run_loss, run_n = 0, 0.0, 0
+        for batch in bar:
+            raw_model.set_id_dropout(id_dropout_at(args.first_epoch_id_item_dropout, epoch, micro / max(1, len(loader))))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with amp:
+                loss = trainer(batch)
+            (loss / args.gradient_accumulation_steps).backward()
+            micro += 1
+            run_loss, run_n = run_loss + loss.item(), run_n + 1
+            if micro % args.gradient_accumulation_steps and micro != len(loader):
+                continue
+            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_norm) if args.clip_norm > 0 else torch.tensor(0.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if master and (step % args.log_every == 0 or micro == len(loader)):
+                rec = {"step": step, "epoch": epoch + 1, "loss": run_loss / run_n, "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(gnorm), "id_dropout": raw_model.item_tower.id_dropout,
+                       "elapsed_s": round(time.time() - t0, 1)}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                for k in ("loss", "lr", "grad_norm", "id_dropout"):
+                    writer.add_scalar(f"train/{k}", rec[k], step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                run_loss, run_n = 0.0, 0
+        extra = {"epoch": epoch + 1}
+        if valid_dir and master:
+            from infer import evaluate_folder
+            m = evaluate_folder(raw_model, data_cfg, table, valid_dir, paths["data"], device)
+            extra.update({f"valid_{k}": v for k, v in m.items()})
+            for k, v in m.items():
+                writer.add_scalar(f"valid/{k}", v, step)
+            say(f"epoch {epoch + 1} valid " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        if master:
+            last_ckpt = save_checkpoint(paths["ckpt"], step, raw_model, model_cfg, data_cfg, args, extra)
+            say(f"epoch {epoch + 1} done  step {step}  {time.time() - t0:.0f}s  -> {last_ckpt}")
+            if "valid_NDCG@10" in extra:
+                if best is None or extra["valid_NDCG@10"] > best[1]:
+                    best, bad_epochs = (step, extra["valid_NDCG@10"]), 0
+                    D.dump_json({"global_step": step, "valid_NDCG@10": best[1],
+                                 "path": os.path.basename(last_ckpt)}, os.path.join(paths["ckpt"], "best.json"))
+                else:
+                    bad_epochs += 1
+        if ddp:
+            flag_t = torch.tensor([bad_epochs], device=device)
+            dist.broadcast(flag_t, 0)
+            bad_epochs = int(flag_t.item())
+        if args.patience and bad_epochs >= args.patience:
+            say(f"early stop: no validation gain for {bad_epochs} epochs")
+            break
+    if master:
+        writer.close()
+        logf.write(json.dumps({"event": "end", "step": step, "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+        logf.close()
+    if ddp:
+        dist.destroy_process_group()
+    return last_ckpt
+
+
+def _default_valid(data_dir):
+    cand = os.path.join(os.path.dirname(os.path.abspath(data_dir)), "valid")
+    return cand if os.path.exists(os.path.join(cand, "predict_seq.jsonl")) else None
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except D.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,348 @@
+"""HSTU generative retrieval model (and a SASRec-style transformer for comparison).
+
+Tokens are [user token] + the user's item events. An item token fuses item id, sparse and array
+features, multimodal vectors and item CTR through one feature tower (the same function embeds
+history items, training targets, negatives and inference candidates); event-level inputs (action,
+hour/weekday/week, gap to the previous event, running user CTR) are added to the token. The
+encoder output at each position, optionally told which action to predict next, is the query for
+the next item; retrieval is by cosine similarity.
+
+Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
+is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
+that padding changes nothing); relative position/time biases use log buckets of the distance and
+of the time gap between the query's and the key's events; no FFN after HSTU blocks, as in the
+paper. The model knows tensors only: readers build the batch dict (see dataset.PackedCollate).
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+PAD, USER_TOKEN, ITEM_TOKEN = 0, 1, 2      # token types, as written by dataset.SequenceBuilder
+CLICK = 2                                   # action ids are action_type + 1; 0 is padding
+TIME_VOCAB = {"hour": 25, "weekday": 8, "week": 54, "gap_bucket": 32}
+
+
+@dataclass
+class ModelConfig:
+    encoder_type: str = "hstu"        # hstu | transformer
+    hidden_units: int = 64
+    num_blocks: int = 2
+    num_heads: int = 2
+    dqk: int = 32                     # per-head query/key width (HSTU)
+    dv: int = 32                      # per-head value width (HSTU)
+    dropout_rate: float = 0.2
+    norm_first: bool = True
+    norm_type: str = "rmsnorm"        # rmsnorm | layernorm
+    hstu_attn: str = "softmax"        # softmax | silu
+    use_rope: bool = False
+    use_rel_bias: bool = False
+    rel_pos_buckets: int = 32
+    rel_time_buckets: int = 32
+    use_abs_pos: bool = True
+    use_senet: bool = False
+    action_cond: bool = False
+    grad_checkpoint: bool = False
+    feat_dim: int = 0                 # width of each feature embedding; 0 = hidden_units
+    maxlen: int = 100
+    # sizes derived from the data (dataset.DataConfig)
+    num_users: int = 0
+    num_items: int = 0
+    user_sparse: dict = field(default_factory=dict)
+    user_array: dict = field(default_factory=dict)
+    item_sparse: dict = field(default_factory=dict)
+    item_array: dict = field(default_factory=dict)
+    mm_dims: dict = field(default_factory=dict)
+    use_timefeat: bool = True
+    use_userctr: bool = False
+    use_itemctr: bool = False
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
+
+
+def make_norm(kind, d):
+    return RMSNorm(d) if kind == "rmsnorm" else nn.LayerNorm(d)
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation over feature blocks: one learned gate per block and example."""
+
+    def __init__(self, num_blocks, reduction=2):
+        super().__init__()
+        h = max(1, num_blocks // reduction)
+        self.fc = nn.Sequential(nn.Linear(num_blocks, h), nn.ReLU(), nn.Linear(h, num_blocks))
+
+    def forward(self, blocks):                    # [..., n_blocks, f]
+        gate = torch.sigmoid(self.fc(blocks.mean(-1)))
+        return blocks * gate.unsqueeze(-1) * 2.0   # x2 so gates start near identity (sigmoid(0)=.5)
+
+
+class FeatureTower(nn.Module):
+    """Embeds one entity (item or user) from id, sparse, array, multimodal and CTR inputs.
+
+    Each input is one block of width f; blocks are optionally gated by SENet, concatenated and
+    projected to hidden_units. `id_dropout` (set by the trainer) zeroes the id block of random
+    examples so the tower learns to rely on features for cold ids.
+    """
+
+    def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet):
+        super().__init__()
+        self.id_emb = nn.Embedding(num_ids + 1, f, padding_idx=0)
+        self.sparse = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in sparse.values())
+        self.array = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in array.values())
+        self.mm_fids = list(mm_dims)
+        self.mm = nn.ModuleList(nn.Linear(dim, f) for dim in mm_dims.values())
+        self.mm_missing = nn.Parameter(torch.zeros(len(mm_dims), f)) if mm_dims else None
+        self.ctr = nn.Linear(1, f) if use_ctr else None
+        n_blocks = 1 + len(self.sparse) + len(self.array) + len(self.mm) + int(use_ctr)
+        self.senet = SENet(n_blocks) if use_senet else None
+        self.proj = nn.Sequential(nn.Linear(n_blocks * f, d), nn.SiLU(), nn.Linear(d, d))
+        self.id_dropout = 0.0
+
+    def forward(self, x):
+        ids = x["id"]
+        e = self.id_emb(ids)
+        if self.training and self.id_dropout > 0:
+            keep = (torch.rand(ids.shape, device=ids.device) >= self.id_dropout).to(e.dtype)
+            e = e * keep.unsqueeze(-1)
+        blocks = [e]
+        blocks += [emb(x["sparse"][..., j]) for j, emb in enumerate(self.sparse)]
+        for j, emb in enumerate(self.array):
+            v = x["array"][..., j, :]                            # [..., A]
+            cnt = (v > 0).sum(-1, keepdim=True).clamp(min=1).to(e.dtype)
+            blocks.append(emb(v).sum(-2) / cnt)                  # mean over present values
+        for j, (fid, lin) in enumerate(zip(self.mm_fids, self.mm)):
+            present = x["mm_mask"][..., j].unsqueeze(-1).to(e.dtype)
+            blocks.append(lin(x[f"mm_{fid}"].to(e.dtype)) * present + self.mm_missing[j] * (1 - present))
+        if self.ctr is not None:
+            blocks.append(self.ctr(x["ctr"].unsqueeze(-1).to(e.dtype)))
+        b = torch.stack(blocks, -2)                               # [..., n_blocks, f]
+        if self.senet is not None:
+            b = self.senet(b)
+        return self.proj(b.flatten(-2))                           # [..., d]
+
+
+def rel_pos_bucket(dist, num_buckets):
+    """Bucket of a non-negative distance: exact below num_buckets/2, log-spaced above (to 1024)."""
+    exact = num_buckets // 2
+    dist = dist.clamp(min=0)
+    log_b = exact + (torch.log(dist.float().clamp(min=1) / exact) / math.log(1024 / exact)
+                     * (num_buckets - exact)).long()
+    return torch.where(dist < exact, dist, log_b.clamp(max=num_buckets - 1))
+
+
+def rel_time_bucket(gap, num_buckets):
+    """floor(log2(1 + gap seconds)), capped at num_buckets - 1; negative gaps count as 0."""
+    return torch.floor(torch.log2(1.0 + gap.clamp(min=0).double())).long().clamp(max=num_buckets - 1)
+
+
+def rope(x, cos, sin):                             # x [B, H, T, dh]; cos/sin [B, 1, T, dh/2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+class RelativeBias(nn.Module):
+    """Learned per-head bias over bucketed relative positions and time gaps (query - key)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pos = nn.Embedding(cfg.rel_pos_buckets, cfg.num_heads)
+        self.time = nn.Embedding(cfg.rel_time_buckets, cfg.num_heads)
+        nn.init.zeros_(self.pos.weight)
+        nn.init.zeros_(self.time.weight)
+
+    def forward(self, pos_b, time_b):              # [B, T, T] each -> [B, H, T, T]
+        return (self.pos(pos_b) + self.time(time_b)).permute(0, 3, 1, 2)
+
+
+class HSTUBlock(nn.Module):
+    """One HSTU layer: pointwise projection to U, V, Q, K (SiLU), attention, norm(A V) * U."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, h = cfg.hidden_units, cfg.num_heads
+        self.cfg, self.h, self.dqk, self.dv = cfg, h, cfg.dqk, cfg.dv
+        self.norm = make_norm(cfg.norm_type, d)
+        self.uvqk = nn.Linear(d, h * (2 * cfg.dv + 2 * cfg.dqk))
+        self.attn_norm = make_norm(cfg.norm_type, h * cfg.dv)
+        self.out = nn.Linear(h * cfg.dv, d)
+        self.drop = nn.Dropout(cfg.dropout_rate)
+        self.rel = RelativeBias(cfg) if cfg.use_rel_bias else None
+
+    def forward(self, x, ctx):
+        B, T, _ = x.shape
+        y = self.norm(x) if self.cfg.norm_first else x
+        u, v, q, k = torch.split(F.silu(self.uvqk(y)), [self.h * self.dv, self.h * self.dv,
+                                                         self.h * self.dqk, self.h * self.dqk], -1)
+        q = q.view(B, T, self.h, self.dqk).transpose(1, 2)     # [B, H, T, dqk]
+        k = k.view(B, T, self.h, self.dqk).transpose(1, 2)
+        v = v.view(B, T, self.h, self.dv).transpose(1, 2)      # [B, H, T, dv]
+        if ctx.get("rope") is not None:
+            q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
+        bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
+        a = attention(q, k, v, ctx["allowed"], bias, self.cfg.hstu_attn,
+                      self.cfg.dropout_rate if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(B, T, self.h * self.dv)  # [B, T, H*dv]
+        x = x + self.drop(self.out(self.attn_norm(a) * u))
+        return x if self.cfg.norm_first else self.norm(x)
+
+
+class TransformerBlock(nn.Module):
+    """SASRec-style block: multi-head softmax attention + point-wise FFN, residuals."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_units
+        self.cfg, self.h = cfg, cfg.num_heads
+        self.norm1, self.norm2 = make_norm(cfg.norm_type, d), make_norm(cfg.norm_type, d)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout_rate), nn.Linear(d, d))
+        self.drop = nn.Dropout(cfg.dropout_rate)
+        self.rel = RelativeBias(cfg) if cfg.use_rel_bias else None
+
+    def forward(self, x, ctx):
+        B, T, d = x.shape
+        y = self.norm1(x) if self.cfg.norm_first else x
+        q, k, v = (t.view(B, T, self.h, d // self.h).transpose(1, 2) for t in self.qkv(y).chunk(3, -1))
+        if ctx.get("rope") is not None:
+            q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
+        bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
+        a = attention(q, k, v, ctx["allowed"], bias, "softmax", self.cfg.dropout_rate if self.training else 0.0)
+        x = x + self.drop(self.o(a.transpose(1, 2).reshape(B, T, d)))
+        if not self.cfg.norm_first:
+            x = self.norm1(x)
+        y = self.norm2(x) if self.cfg.norm_first else x
+        x = x + self.drop(self.ffn(y))
+        return x if self.cfg.norm_first else self.norm2(x)
+
+
+def attention(q, k, v, allowed, bias, kind, dropout_p):
+    """Masked attention. allowed: bool [B, 1, T, T] (causal, real keys, always self).
+
+    softmax goes through scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
+    masked keys get exactly zero weight. silu is HSTU's pointwise form divided by the number of
+    visible keys.
+    """
+    if kind == "softmax":
+        if bias is None:
+            mask = allowed
+        else:
+            mask = bias.masked_fill(~allowed, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias
+    w = F.silu(s) * allowed
+    w = w / allowed.sum(-1, keepdim=True).clamp(min=1)
+    if dropout_p:
+        w = F.dropout(w, dropout_p)
+    return w @ v
+
+
+class GenerativeRecommender(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, f = cfg.hidden_units, cfg.feat_dim or cfg.hidden_units
+        self.item_tower = FeatureTower(cfg.num_items, cfg.item_sparse, cfg.item_array, cfg.mm_dims,
+                                       cfg.use_itemctr, d, f, cfg.use_senet)
+        self.user_tower = FeatureTower(cfg.num_users, cfg.user_sparse, cfg.user_array, {},
+                                       False, d, f, cfg.use_senet)
+        self.type_emb = nn.Embedding(3, d)
+        self.action_emb = nn.Embedding(4, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.maxlen + 2, d, padding_idx=0) if cfg.use_abs_pos else None
+        if cfg.use_timefeat:
+            self.time_emb = nn.ModuleDict({k: nn.Embedding(v, d, padding_idx=0) for k, v in TIME_VOCAB.items()})
+            self.gap_proj = nn.Linear(1, d)
+        self.user_ctr_proj = nn.Linear(1, d) if cfg.use_userctr else None
+        self.emb_drop = nn.Dropout(cfg.dropout_rate)
+        block = HSTUBlock if cfg.encoder_type == "hstu" else TransformerBlock
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_blocks))
+        self.final_norm = make_norm(cfg.norm_type, d)
+        self.next_action_emb = nn.Embedding(4, d, padding_idx=0) if cfg.action_cond else None
+        self.head = nn.Linear(d, d)
+        if cfg.use_rope:
+            dh = cfg.dqk if cfg.encoder_type == "hstu" else d // cfg.num_heads
+            self.register_buffer("rope_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh),
+                                 persistent=False)
+
+    def set_id_dropout(self, p):
+        self.item_tower.id_dropout = self.user_tower.id_dropout = p
+
+    @staticmethod
+    def _sub(batch, prefix):
+        n = len(prefix)
+        return {k[n:]: v for k, v in batch.items() if k.startswith(prefix)}
+
+    def embed_items(self, batch, prefix):
+        """The single item-embedding function: history tokens, targets, negatives, candidates."""
+        return self.item_tower(self._sub(batch, prefix))
+
+    def encode(self, batch):
+        """Encoder states [B, T, d] for the token sequence in `batch` (left-padded)."""
+        cfg = self.cfg
+        tt = batch["token_type"]
+        B, T = tt.shape
+        x = self.embed_items(batch, "seq_") * (tt == ITEM_TOKEN).unsqueeze(-1)
+        user = self.user_tower({"id": batch["user_id"], "sparse": batch["user_sparse"],
+                                "array": batch["user_array"]})        # [B, d]
+        x = torch.where((tt == USER_TOKEN).unsqueeze(-1), user.unsqueeze(1).to(x.dtype), x)
+        x = x + self.type_emb(tt) + self.action_emb(batch["action"])
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(batch["pos_idx"])
+        if cfg.use_timefeat:
+            for k, emb in self.time_emb.items():
+                x = x + emb(batch[k])
+            x = x + self.gap_proj(batch["gap_log"].unsqueeze(-1).to(x.dtype))
+        if self.user_ctr_proj is not None:
+            x = x + self.user_ctr_proj(batch["user_ctr"].unsqueeze(-1).to(x.dtype))
+        real = tt != PAD
+        x = self.emb_drop(x) * real.unsqueeze(-1)
+
+        idx = torch.arange(T, device=tt.device)
+        causal = idx.view(1, T) <= idx.view(T, 1)                       # [T, T] key <= query
+        allowed = (causal & real.unsqueeze(1)) | torch.eye(T, dtype=torch.bool, device=tt.device)
+        ctx = {"allowed": allowed.unsqueeze(1)}                         # [B, 1, T, T]
+        if cfg.use_rel_bias:
+            ts = batch["ts"]
+            ctx["pos_b"] = rel_pos_bucket(idx.view(T, 1) - idx.view(1, T), cfg.rel_pos_buckets).expand(B, T, T)
+            ctx["time_b"] = rel_time_bucket(ts.unsqueeze(2) - ts.unsqueeze(1), cfg.rel_time_buckets)
+        if cfg.use_rope:
+            ang = batch["pos_idx"].float().unsqueeze(-1) * self.rope_freq  # [B, T, dh/2]
+            ctx["rope"] = (ang.cos().unsqueeze(1).to(x.dtype), ang.sin().unsqueeze(1).to(x.dtype))
+        for blk in self.blocks:
+            if cfg.grad_checkpoint and self.training:
+                x = checkpoint(blk, x, ctx, use_reentrant=False)
+            else:
+                x = blk(x, ctx)
+        return self.final_norm(x)
+
+    def query(self, h, next_action=None):
+        """Query vectors from encoder states; next_action (action id + 1) conditions the head."""
+        if self.next_action_emb is not None and next_action is not None:
+            h = h + self.next_action_emb(next_action)
+        return self.head(h)
+
+    @torch.no_grad()
+    def user_vectors(self, batch):
+        """L2-normalised query of each user's newest position, asking for a click next."""
+        h = self.encode(batch)[:, -1]
+        nxt = torch.full(h.shape[:1], CLICK, dtype=torch.long, device=h.device)
+        return F.normalize(self.query(h, nxt).float(), dim=-1)
+
+    @torch.no_grad()
+    def item_vectors(self, batch, prefix="cand_"):
+        return F.normalize(self.embed_items(batch, prefix).float(), dim=-1)

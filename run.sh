@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The pipeline: (demo data) -> CTR priors -> train -> infer on the newest checkpoint -> evaluate.
+#
+# With TRAIN_DATA_PATH unset it builds (or reuses) demo data under data/demo and runs everything
+# there. With it set, it runs on your data; inference and evaluation run only where
+# EVAL_DATA_PATH has predict_seq.jsonl (and ground_truth.jsonl for the score).
+# Extra arguments go to main.py (e.g. bash run.sh --num_epochs 8).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+
+if [ -z "${TRAIN_DATA_PATH:-}" ]; then
+  DEMO=${DEMO_DIR:-data/demo}
+  $PY make_demo_data.py --out "$DEMO"
+  export TRAIN_DATA_PATH=$DEMO/train
+  export EVAL_DATA_PATH=${EVAL_DATA_PATH:-$DEMO/eval}
+fi
+RUN=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
+export TRAIN_LOG_PATH=${TRAIN_LOG_PATH:-$RUN/logs}
+export TRAIN_TF_EVENTS_PATH=${TRAIN_TF_EVENTS_PATH:-$RUN/tb}
+export TRAIN_CKPT_PATH=${TRAIN_CKPT_PATH:-$RUN/ckpt}
+export USER_CACHE_PATH=${USER_CACHE_PATH:-runs/cache/$(basename "$(dirname "$(realpath "$TRAIN_DATA_PATH")")")}
+export MODEL_OUTPUT_PATH=${MODEL_OUTPUT_PATH:-$TRAIN_CKPT_PATH}
+export EVAL_RESULT_PATH=${EVAL_RESULT_PATH:-$RUN/result}
+
+if [ ! -f "$USER_CACHE_PATH/ctr/ctr_meta.json" ]; then
+  $PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir "${USER_CACHE_PATH}/ctr" \
+      --prior auto --k_clip 10,10000
+fi
+
+# The seed's recommended feature set, sized for a 2-core CPU (see README for the full-size flags).
+$PY -u main.py --use_ctr --use_userctr --use_itemctr --ctr_dir "${USER_CACHE_PATH}/ctr" \
+    --use_timefeat --use_rel_bias=1 --norm_first --norm_type=rmsnorm --encoder_type=hstu \
+    --action_cond "$@"
+
+if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
+  $PY -u infer.py
+  if [ -f "$EVAL_DATA_PATH/ground_truth.jsonl" ]; then
+    $PY evaluate.py --result "$EVAL_RESULT_PATH/result.json" --ground_truth "$EVAL_DATA_PATH/ground_truth.jsonl" \
+        --train_dir "$TRAIN_DATA_PATH" --eval_dir "$EVAL_DATA_PATH"
+  fi
+fi

@@ -1,0 +1,176 @@
+"""Model tests: references for norms/attention/buckets, causality, padding invariance, training steps."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+T = 9
+
+
+def make_cfg(**kw):
+    base = dict(hidden_units=16, num_blocks=2, num_heads=2, dqk=8, dv=8, dropout_rate=0.0, maxlen=T - 1,
+                num_users=20, num_items=50, user_sparse={"103": 5}, user_array={"106": 4},
+                item_sparse={"100": 6, "101": 7}, item_array={"125": 5}, mm_dims={"81": 4},
+                use_timefeat=True, use_userctr=True, use_itemctr=True)
+    base.update(kw)
+    return M.ModelConfig(**base)
+
+
+def make_batch(B=3, n_events=(8, 5, 2), seed=0):
+    """Left-padded batch like dataset.SequenceBuilder writes: [pad..., user, items...]."""
+    g = torch.Generator().manual_seed(seed)
+    b = {"token_type": torch.zeros(B, T, dtype=torch.long), "action": torch.zeros(B, T, dtype=torch.long),
+         "pos_idx": torch.zeros(B, T, dtype=torch.long), "ts": torch.zeros(B, T, dtype=torch.long)}
+    for k, hi in M.TIME_VOCAB.items():
+        b[k] = torch.randint(1, hi, (B, T), generator=g)
+    b["gap_log"] = torch.rand(B, T, generator=g)
+    b["user_ctr"] = torch.randn(B, T, generator=g)
+    b["seq_id"] = torch.randint(1, 51, (B, T), generator=g)
+    b["seq_sparse"] = torch.stack([torch.randint(0, 6, (B, T), generator=g), torch.randint(0, 7, (B, T), generator=g)], -1)
+    b["seq_array"] = torch.randint(0, 5, (B, T, 1, 3), generator=g)
+    b["seq_mm_81"] = torch.randn(B, T, 4, generator=g)
+    b["seq_mm_mask"] = torch.rand(B, T, 1, generator=g) > 0.3
+    b["seq_ctr"] = torch.randn(B, T, generator=g)
+    for i, n in enumerate(n_events):
+        s = T - 1 - n
+        b["token_type"][i, s] = M.USER_TOKEN
+        b["token_type"][i, s + 1:] = M.ITEM_TOKEN
+        b["action"][i, s + 1:] = torch.randint(1, 3, (n,), generator=g)
+        b["pos_idx"][i, s:] = torch.arange(1, n + 2)
+        ts = 1_700_000_000 + torch.cumsum(torch.randint(1, 5000, (n,), generator=g), 0)
+        b["ts"][i, s + 1:] = ts
+        b["ts"][i, s] = ts[0]
+    b["user_id"] = torch.randint(1, 21, (B,), generator=g)
+    b["user_sparse"] = torch.randint(0, 5, (B, 1), generator=g)
+    b["user_array"] = torch.randint(0, 4, (B, 1, 3), generator=g)
+    return b
+
+
+OPTIONS = [dict(), dict(encoder_type="transformer"), dict(hstu_attn="silu"), dict(use_rope=True),
+           dict(use_rel_bias=True), dict(use_senet=True), dict(action_cond=True), dict(norm_type="layernorm"),
+           dict(norm_first=False), dict(use_rel_bias=True, hstu_attn="silu", use_rope=True)]
+
+
+def test_rmsnorm_matches_formula():
+    x = torch.randn(4, 7)
+    n = M.RMSNorm(7)
+    n.weight.data = torch.randn(7)
+    ref = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6) * n.weight
+    torch.testing.assert_close(n(x), ref)
+
+
+def naive_attention(q, k, v, allowed, bias, kind):
+    B, H, Tq, dh = q.shape
+    out = torch.zeros(B, H, Tq, v.shape[-1])
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                keys = [j for j in range(Tq) if allowed[b, 0, i, j]]
+                s = torch.stack([(q[b, h, i] * k[b, h, j]).sum() / math.sqrt(dh) + (bias[b, h, i, j] if bias is not None else 0)
+                                 for j in keys])
+                w = torch.softmax(s, 0) if kind == "softmax" else F.silu(s) / len(keys)
+                out[b, h, i] = sum(w[n] * v[b, h, j] for n, j in enumerate(keys))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["softmax", "silu"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_against_naive_loop(kind, with_bias):
+    torch.manual_seed(0)
+    B, H, Tq, dh = 2, 2, 5, 3
+    q, k, v = torch.randn(B, H, Tq, dh), torch.randn(B, H, Tq, dh), torch.randn(B, H, Tq, 4)
+    real = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    idx = torch.arange(Tq)
+    allowed = ((idx.view(1, Tq) <= idx.view(Tq, 1)) & real.unsqueeze(1)) | torch.eye(Tq, dtype=torch.bool)
+    allowed = allowed.unsqueeze(1)
+    bias = torch.randn(B, H, Tq, Tq) if with_bias else None
+    torch.testing.assert_close(M.attention(q, k, v, allowed, bias, kind, 0.0),
+                               naive_attention(q, k, v, allowed, bias, kind), atol=1e-5, rtol=1e-4)
+
+
+def test_bucket_functions_hand_computed():
+    assert M.rel_time_bucket(torch.tensor([0, 1, 2, 3, 1022, 1023, -5, 10**9]), 16).tolist() == [0, 1, 1, 2, 9, 10, 0, 15]
+    b = M.rel_pos_bucket(torch.tensor([0, 1, 15, 16, 32, 1024, 5000]), 32).tolist()
+    assert b[:3] == [0, 1, 15]            # exact below num_buckets / 2
+    assert 16 <= b[3] <= b[4] <= b[5] == b[6] == 31
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_no_future_leakage(opts):
+    """Changing events after position t changes no encoder output at or before t."""
+    torch.manual_seed(0)
+    m = M.GenerativeRecommender(make_cfg(**opts)).eval()
+    a = make_batch()
+    b = {k: v.clone() for k, v in a.items()}
+    t = 5                                      # positions > t are changed for every user
+    for key in ("seq_id", "seq_sparse", "seq_array", "seq_mm_81", "seq_ctr", "action", "gap_log", "user_ctr",
+                "hour", "weekday", "week", "gap_bucket"):
+        b[key][:, t + 1:] = a[key][:, t + 1:].flip(0)
+    b["ts"][:, t + 1:] = b["ts"][:, t + 1:] + 99_999
+    ha, hb = m.encode(a), m.encode(b)
+    torch.testing.assert_close(ha[:, :t + 1], hb[:, :t + 1])
+    assert not torch.allclose(ha[:, t + 1:], hb[:, t + 1:])
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_left_padding_does_not_change_outputs(opts):
+    """The same events with more left padding (a longer window) give the same outputs."""
+    torch.manual_seed(0)
+    m1 = M.GenerativeRecommender(make_cfg(**opts)).eval()
+    cfg2 = make_cfg(maxlen=T - 1 + 4, **opts)
+    m2 = M.GenerativeRecommender(cfg2).eval()
+    sd = m1.state_dict()
+    sd2 = m2.state_dict()
+    for k, v in sd.items():
+        if k == "pos_emb.weight":
+            sd2[k][:v.shape[0]] = v
+        else:
+            sd2[k] = v
+    m2.load_state_dict(sd2)
+    a = make_batch()
+    pad = {k: (torch.cat([torch.zeros(v.shape[0], 4, *v.shape[2:], dtype=v.dtype), v], 1) if v.dim() > 1 and v.shape[1] == T else v)
+           for k, v in a.items()}
+    torch.testing.assert_close(m1.encode(a), m2.encode(pad)[:, 4:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_training_step_reduces_loss(opts):
+    torch.manual_seed(0)
+    m = M.GenerativeRecommender(make_cfg(**opts))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    b = make_batch()
+    item = {"id": b["seq_id"], "sparse": b["seq_sparse"], "array": b["seq_array"], "mm_81": b["seq_mm_81"],
+            "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]}
+    losses = []
+    for _ in range(15):
+        h = m.encode(b)[:, :-1].reshape(-1, 16)
+        q = F.normalize(m.query(h, b["action"][:, 1:].reshape(-1)), dim=-1)
+        tgt = F.normalize(m.item_tower({k: v[:, 1:].flatten(0, 1) for k, v in item.items()}), dim=-1)
+        loss = F.cross_entropy(q @ tgt.T / 0.1, torch.arange(len(q)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_id_dropout_only_in_training_and_senet_shapes():
+    torch.manual_seed(0)
+    m = M.GenerativeRecommender(make_cfg(use_senet=True))
+    b = make_batch()
+    m.set_id_dropout(1.0)
+    m.eval()
+    e1 = m.embed_items(b, "seq_")
+    m.set_id_dropout(0.0)
+    torch.testing.assert_close(e1, m.embed_items(b, "seq_"))   # eval ignores id dropout
+    m.train()
+    m.set_id_dropout(1.0)
+    m.item_tower.id_emb.weight.data.normal_()
+    out_drop = m.item_tower({"id": b["seq_id"], "sparse": b["seq_sparse"], "array": b["seq_array"],
+                             "mm_81": b["seq_mm_81"], "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]})
+    no_id = m.item_tower({"id": torch.zeros_like(b["seq_id"]), "sparse": b["seq_sparse"], "array": b["seq_array"],
+                          "mm_81": b["seq_mm_81"], "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]})
+    torch.testing.assert_close(out_drop, no_id)                # p = 1 removes the id block only
