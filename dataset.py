@@ -624,7 +624,9 @@ class PackedCollate:
             batch.update(self.table.gather(rows, "pos_", ctr=ctr))
             batch["pos_row"] = torch.from_numpy(rows)
             if self.num_neg:
-                neg = torch.randint(1, self.num_items + 1, (self.num_neg,)).numpy()
+                # -1: the whole catalogue (full softmax), affordable for small catalogues
+                neg = (np.arange(1, self.num_items + 1) if self.num_neg < 0 else
+                       torch.randint(1, self.num_items + 1, (self.num_neg,)).numpy())
                 batch.update(self.table.gather(neg, "neg_"))
                 batch["neg_row"] = torch.from_numpy(neg)
         return batch

@@ -86,7 +86,8 @@ def get_args(argv=None):
 
     g = p.add_argument_group("objective")
     g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
-    g.add_argument("--num_neg", type=int, default=512, help="uniform random negatives per batch (shared)")
+    g.add_argument("--num_neg", type=int, default=512,
+                   help="uniform random negatives per batch (shared); -1 = every item (full softmax)")
     flag("--in_batch_neg", True, "use the batch's other targets as negatives")
     flag("--logq", True, "subtract log expected sampling count (popularity) from every logit")
     g.add_argument("--nce_weight_scheme", choices=["none", "fixed", "cb", "focal"], default="none",
@@ -209,7 +210,7 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
             if in_batch:
                 e = e + len(pos_ids) * log_pop[i].exp()
             if negs is not None:
-                e = e + len(neg_ids) / max(1, num_items)
+                e = e + (1.0 if len(neg_ids) >= num_items else len(neg_ids) / max(1, num_items))
             return e.log()
         logits = logits - torch.cat([log_expected(pos_ids).unsqueeze(1),
                                      log_expected(cand_ids).unsqueeze(0).expand(len(q), -1)], 1)
@@ -252,13 +253,14 @@ class Trainer(torch.nn.Module):
         pos = m.item_tower({k[4:]: v[valid] for k, v in batch.items()
                             if k.startswith("pos_") and k not in ("pos_row", "pos_action")})
         negs = m.embed_items(batch, "neg_") if a.num_neg else None
+        full = a.num_neg < 0             # full softmax: nothing is sampled, so no in-batch / logQ
         tau = torch.full(pos_ids.shape, a.temperature, device=q.device)
         if a.two_tau:
             tau = torch.where(pos_act >= 2, a.tau_click, a.tau_expo).float()
         loss, _ = info_nce(F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1), pos_ids,
                            None if negs is None else F.normalize(negs.float(), dim=-1),
-                           batch.get("neg_row"), tau, self.log_pop if a.logq else None, self.num_items,
-                           a.in_batch_neg)
+                           batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
+                           self.num_items, a.in_batch_neg and not full)
         w = nce_weights(a.nce_weight_scheme, pos_act, loss, a.click_weight, a.focal_gamma, self.click_rate)
         return (loss * w).sum() / w.sum().clamp(min=1e-9)
 

@@ -1,0 +1,105 @@
+"""InfoNCE, its weighting schemes and the logQ correction against naive per-example references."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main
+
+
+def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_batch):
+    """One example at a time: explicit candidate list, explicit skip of accidental hits."""
+    N = len(q)
+    out = []
+    for i in range(N):
+        cands = []
+        if in_batch:
+            cands += [(pos[j], int(pos_ids[j]), "batch") for j in range(N)]
+        if negs is not None:
+            cands += [(negs[j], int(neg_ids[j]), "neg") for j in range(len(negs))]
+
+        def corr(item):
+            if log_pop is None:
+                return 0.0
+            e = 0.0
+            if in_batch:
+                e += N * math.exp(float(log_pop[item]))
+            if negs is not None:
+                e += len(negs) / num_items
+            return math.log(e)
+
+        pos_logit = float(q[i] @ pos[i]) / float(tau[i]) - corr(int(pos_ids[i]))
+        logits = [pos_logit]
+        for vec, item, _ in cands:
+            if item == int(pos_ids[i]):
+                continue                      # accidental hit (or the target itself)
+            logits.append(float(q[i] @ vec) / float(tau[i]) - corr(item))
+        t = torch.tensor(logits, dtype=torch.float64)
+        out.append(float(torch.logsumexp(t, 0) - t[0]))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("in_batch,with_negs,logq", [(True, True, True), (True, False, False), (False, True, True),
+                                                     (True, True, False)])
+def test_info_nce_matches_naive_loop(in_batch, with_negs, logq):
+    torch.manual_seed(0)
+    N, S, d, items = 6, 5, 4, 9
+    q = F.normalize(torch.randn(N, d), dim=-1)
+    pos = F.normalize(torch.randn(N, d), dim=-1)
+    pos_ids = torch.tensor([1, 2, 2, 3, 4, 5])               # a duplicate target: accidental hit
+    negs = F.normalize(torch.randn(S, d), dim=-1) if with_negs else None
+    neg_ids = torch.tensor([3, 6, 7, 1, 8]) if with_negs else None
+    tau = torch.tensor([0.05, 0.1, 0.05, 0.2, 0.05, 0.1])
+    log_pop = torch.log(torch.softmax(torch.randn(items + 1), 0)) if logq else None
+    got, _ = main.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch)
+    want = naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_logq_hand_computed():
+    """Two targets, in-batch only: each row's softmax over {own, other} with log(2 p) subtracted."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    ids = torch.tensor([1, 2])
+    log_pop = torch.log(torch.tensor([0.0, 0.25, 0.75]).clamp(min=1e-12))
+    got, _ = main.info_nce(q, pos, ids, None, None, torch.tensor([1.0, 1.0]), log_pop, 2, True)
+    # row 0: own logit 1 - log(2*.25), other 0.6 - log(2*.75)
+    a, b = 1 - math.log(0.5), 0.6 - math.log(1.5)
+    row0 = math.log(math.exp(a) + math.exp(b)) - a
+    # row 1: own logit 0.8 - log(1.5), other 0 - log(0.5)
+    a, b = 0.8 - math.log(1.5), 0.0 - math.log(0.5)
+    row1 = math.log(math.exp(a) + math.exp(b)) - a
+    torch.testing.assert_close(got, torch.tensor([row0, row1]), atol=1e-6, rtol=1e-6)
+
+
+def test_full_softmax_equals_cross_entropy_over_catalogue():
+    torch.manual_seed(1)
+    items, d = 7, 3
+    cat = F.normalize(torch.randn(items, d), dim=-1)              # rows for items 1..7
+    q = F.normalize(torch.randn(4, d), dim=-1)
+    ids = torch.tensor([3, 1, 7, 3])
+    got, _ = main.info_nce(q, cat[ids - 1], ids, cat, torch.arange(1, items + 1), torch.full((4,), 0.1), None,
+                           items, False)
+    want = F.cross_entropy(q @ cat.T / 0.1, ids - 1, reduction="none")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_schemes_against_hand_values():
+    act = torch.tensor([1, 2, 1, 3])                 # exposure, click, exposure, conversion
+    loss = torch.tensor([0.5, 1.0, 2.0, 0.1])
+    assert main.nce_weights("none", act, loss).tolist() == [1, 1, 1, 1]
+    assert main.nce_weights("fixed", act, loss, click_weight=3.0).tolist() == [1, 3, 1, 3]
+    cb = main.nce_weights("cb", act, loss, click_rate=0.2)
+    torch.testing.assert_close(cb, torch.tensor([0.5 / 0.8, 0.5 / 0.2, 0.5 / 0.8, 0.5 / 0.2]))
+    focal = main.nce_weights("focal", act, loss, gamma=2.0)
+    torch.testing.assert_close(focal, (1 - torch.exp(-loss)) ** 2)
+
+
+def test_schedules():
+    f = main.lr_lambda(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert main.id_dropout_at(0.6, 0, 0.0) == pytest.approx(0.6)
+    assert main.id_dropout_at(0.6, 0, 0.5) == pytest.approx(0.3)
+    assert main.id_dropout_at(0.6, 1, 0.0) == 0.0 and main.id_dropout_at(0.0, 0, 0.0) == 0.0
