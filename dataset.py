@@ -5,6 +5,7 @@ Layout and quirks follow ../shared/docs/DATA_FORMAT.md (the TencentGR / TAAC 202
 """
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -49,19 +50,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused to load {module}.{name}")
 
 
+def _first_line(e):
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
 def load_pickle(path):
     """Unpickle `path` allowing only the builtin types these data files hold."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file, expected a pickle")
     try:
         with open(path, "rb") as f:
             return _RestrictedUnpickler(f).load()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: unsafe or invalid pickle ({e}); only builtin containers, "
+        raise DataError(f"{path}: unsafe or invalid pickle ({_first_line(e)}); only builtin containers, "
                         f"numbers and numpy arrays are allowed") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
-        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a damaged pickle fails in many ways: EOFError, ValueError, struct.error...
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -103,15 +113,63 @@ def dump_json(obj, path, **kwargs):
 # Layout readers
 # ---------------------------------------------------------------------------------------------
 
-def read_offsets(path):
+def read_offsets(path, seq_path=None):
     """Byte offsets of each line. Accepts the list the layout specifies or a {reid: offset} dict
-    written by some converters (then lines are taken in file order)."""
+    written by some converters (then lines are taken in file order).
+
+    The offsets are checked against the sequence file (`seq_path`; by default `<name>.jsonl`
+    beside `<name>_offsets.pkl`, when it exists) without reading it all: they must increase, and
+    the last one must start a line of the file after which only blank lines follow. That refuses
+    an offsets file from another seq file, offsets past the end and a count that disagrees with
+    the number of lines (too many or too few at the end). A wrong offset in the middle is refused
+    when its line is read: LineReader checks that each offset starts a line.
+    """
+    path = os.fspath(path)
     off = load_pickle(path)
     if isinstance(off, dict):
-        off = sorted(off.values())
-    if not isinstance(off, (list, tuple)) or not all(isinstance(o, int) and o >= 0 for o in off):
-        raise DataError(f"{path}: expected a pickled list of non-negative int byte offsets")
-    return list(off)
+        entries = off.items()
+    elif isinstance(off, (list, tuple)):
+        entries = enumerate(off)
+    else:
+        raise DataError(f"{path}: a pickled {type(off).__name__}, expected a list of byte offsets "
+                        f"(one per line of the seq file) or a dict re-id -> offset")
+    for k, o in entries:
+        if not isinstance(o, (int, np.integer)) or isinstance(o, bool) or o < 0:
+            raise DataError(f"{path}: entry {k!r} is {o!r}, expected a non-negative int byte offset")
+    off = sorted(int(o) for o in off.values()) if isinstance(off, dict) else [int(o) for o in off]
+    for k in range(1, len(off)):
+        if off[k] <= off[k - 1]:
+            raise DataError(f"{path}: entry {k} (byte offset {off[k]}) is not after entry {k - 1} "
+                            f"({off[k - 1]}), expected increasing offsets, one per line")
+    if seq_path is None and path.endswith("_offsets.pkl"):
+        seq_path = path[:-len("_offsets.pkl")] + ".jsonl"
+    if seq_path is not None and os.path.isfile(seq_path):
+        _check_offsets_cover(path, off, os.fspath(seq_path))
+    return off
+
+
+def _check_offsets_cover(path, off, seq):
+    """The cheap load-time check of read_offsets: an O(1) look at the end of `seq`."""
+    size = os.path.getsize(seq)
+    if size == 0:
+        raise DataError(f"{seq}: empty file, expected one JSON array of records per line")
+    if not off:
+        raise DataError(f"{path}: no offsets, but {seq} holds {size} bytes; expected one offset per line")
+    n, last = len(off), off[-1]
+    if last >= size:
+        raise DataError(f"{path}: entry {n - 1} (byte offset {last}) is past the end of {seq} "
+                        f"({size} bytes); is the offsets file from this seq file?")
+    with open(seq, "rb") as f:
+        f.seek(max(last - 1, 0))
+        if last and f.read(1) != b"\n":
+            raise DataError(f"{path}: entry {n - 1} (byte offset {last}) is not at a line start of "
+                            f"{seq}; is the offsets file from this seq file?")
+        f.readline()
+        end = f.tell()
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                raise DataError(f"{path}: {n} offsets, but {seq} has more lines (the line at the "
+                                f"last offset ends at byte {end} of {size}); expected one offset per line")
 
 
 def read_json(path):
@@ -121,8 +179,40 @@ def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_item_feat_dict(path):
+    """item_feat_dict.json: an object keyed by item re-id strings ("47086") whose values are
+    feature dicts (null for an item without features)."""
+    obj = read_json(path)
+    if type(obj) is not dict:
+        raise DataError(f"{path}: a JSON {_jtype(obj)}, expected an object "
+                        f"{{item re-id: {{feature_id: value}}}}")
+    for k, fd in obj.items():
+        if not (k.isascii() and k.isdigit()):
+            raise DataError(f"{path}: key {json.dumps(k)} is not an item re-id, expected a "
+                            f"decimal integer string like \"47086\"")
+        check_feats(fd, path, f"item {json.dumps(k)}")
+    return obj
+
+
+def _json_error(where, e, expected):
+    """DataError for a line json.loads refused (JSONDecodeError, UnicodeDecodeError, RecursionError)."""
+    if isinstance(e, json.JSONDecodeError):
+        why = f"{e.msg}, column {e.colno}"
+    elif isinstance(e, UnicodeDecodeError):
+        why = f"not UTF-8: {e.reason} at column {e.start + 1}"
+    else:
+        why = "nested too deeply"
+    return DataError(f"{where}: invalid JSON ({why}), expected {expected}")
 
 
 def iter_jsonl(path):
@@ -130,15 +220,67 @@ def iter_jsonl(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                yield lineno, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}), "
-                                f"expected one JSON value per line") from None
+                obj = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise _json_error(f"{path}:{lineno}", e, "one JSON value per line") from None
+            yield lineno, obj
+
+
+RECORD_LAYOUT = "[user_id, item_id, user_feat, item_feat, action_type, timestamp]"
+
+
+def _jtype(v):
+    """The JSON name of a parsed value's type, for messages."""
+    if isinstance(v, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def show_json(v):
+    """A parsed JSON value as the file spells it, cut to 40 characters."""
+    try:
+        s = json.dumps(v)
+    except (TypeError, ValueError):
+        s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def check_feats(fd, where, what):
+    """A feature dict: fid -> int, string (an unseen value at inference), a list of them, or null."""
+    if fd is None:
+        return
+    if type(fd) is not dict:
+        raise DataError(f"{where}: {what} is a JSON {_jtype(fd)}, expected an object "
+                        f"{{feature_id: value}} or null")
+    for k, v in fd.items():
+        t = type(v)
+        if t is int or t is str or v is None or (t is list and all(type(x) in (int, str) for x in v)):
+            continue
+        raise DataError(f"{where}: {what} feature {json.dumps(k)} is {show_json(v)}, expected an int, "
+                        f"a string or a list of them")
+
+
+_FEAT_TYPES = frozenset((int, str, list, type(None)))
+
+
+def _feats_ok(dicts):
+    """check_feats' verdict for many dicts in one C-level pass (this runs for every sample)."""
+    vals = list(itertools.chain.from_iterable(map(dict.values, dicts)))
+    types = set(map(type, vals))
+    if not _FEAT_TYPES.issuperset(types):
+        return False
+    return list not in types or {int, str}.issuperset(
+        map(type, itertools.chain.from_iterable(v for v in vals if type(v) is list)))
 
 
 def parse_user_records(records, where):
@@ -146,32 +288,50 @@ def parse_user_records(records, where):
 
     events: list of (item, item_feat, action, ts) in time order (stable sort by timestamp); a
     null action is an exposure. The profile record's timestamp is dropped here on purpose: it is
-    written after the target and would leak its timing.
+    written after the target and would leak its timing. Every field is type-checked (a user id is
+    a re-id or a raw string, an item id a non-negative int: its range is the caller's business,
+    as a raw creative id is valid at inference); records are numbered from 1 in messages.
     """
-    if not isinstance(records, list):
-        raise DataError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
-    user, user_feat, events = None, None, []
-    for j, r in enumerate(records):
-        if not isinstance(r, list) or len(r) != 6:
-            raise DataError(f"{where}: record {j} is not a 6-element array "
-                            f"[user_id, item_id, user_feat, item_feat, action_type, timestamp]")
+    if type(records) is not list:
+        raise DataError(f"{where}: the line is a JSON {_jtype(records)}, expected a JSON array of "
+                        f"records {RECORD_LAYOUT}")
+    if not records:
+        raise DataError(f"{where}: empty array, expected at least one record {RECORD_LAYOUT}")
+    user, user_feat, events, feats, n = None, None, [], [], len(records)
+    for j, r in enumerate(records, 1):
+        rec = f"record {j} of {n}"
+        if type(r) is not list:
+            raise DataError(f"{where}: {rec} is a JSON {_jtype(r)}, expected a 6-element array {RECORD_LAYOUT}")
+        if len(r) != 6:
+            raise DataError(f"{where}: {rec} has {len(r)} elements, expected 6 {RECORD_LAYOUT}")
         u, item, uf, itf, act, ts = r
+        if not ((type(u) is int and u >= 0) or (type(u) is str and u)):
+            raise DataError(f"{where}: {rec}: user_id is {show_json(u)}, expected a non-negative int "
+                            f"(re-id) or a non-empty string (raw id)")
         if user is None:
             user = u
-        if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
-            raise DataError(f"{where}: record {j} timestamp {ts!r} is not a non-negative int")
+        if type(ts) is not int or ts < 0:
+            raise DataError(f"{where}: {rec}: timestamp is {show_json(ts)}, expected a non-negative int "
+                            f"(Unix seconds)")
         if item is None:
-            if uf is not None and not isinstance(uf, dict):
-                raise DataError(f"{where}: record {j} user_feat must be an object or null")
+            check_feats(uf, where, f"{rec}: user_feat")
             user_feat = uf or user_feat
             continue
+        if type(item) is not int or item < 0:
+            raise DataError(f"{where}: {rec}: item_id is {show_json(item)}, expected a non-negative int "
+                            f"or null (profile record)")
         if act is None:
             act = 0
-        if act not in (0, 1, 2):
-            raise DataError(f"{where}: record {j} action_type {act!r} not in {{0, 1, 2, null}}")
-        if itf is not None and not isinstance(itf, dict):
-            raise DataError(f"{where}: record {j} item_feat must be an object or null")
+        elif type(act) is not int or act not in (0, 1, 2):
+            raise DataError(f"{where}: {rec}: action_type is {show_json(act)}, expected 0, 1, 2 or null")
+        if itf is not None:
+            if type(itf) is not dict:
+                check_feats(itf, where, f"{rec}: item_feat")
+            feats.append((rec, itf))
         events.append((item, itf, act, ts))
+    if not _feats_ok(fd for _, fd in feats):
+        for rec, fd in feats:
+            check_feats(fd, where, f"{rec}: item_feat")
     events.sort(key=lambda e: e[3])
     return user, user_feat, events
 
@@ -320,19 +480,44 @@ def _mm_sources(emb_dir, fid):
     return out
 
 
+def _mm_cid(cid, where):
+    """A creative id key: an int, or its decimal string (pickled dicts from some converters)."""
+    if isinstance(cid, str) and cid.isascii() and cid.isdigit():
+        return int(cid)
+    if not isinstance(cid, (int, np.integer)) or isinstance(cid, bool) or cid < 0:
+        raise DataError(f"{where}: creative id {show_json(cid)} is not a non-negative int")
+    return int(cid)
+
+
+def _mm_vector(vec, where):
+    """A vector as flat float32: a non-empty list (or numpy array) of numbers."""
+    try:
+        a = np.asarray(vec) if isinstance(vec, (list, np.ndarray)) else None
+    except ValueError:                       # ragged nested lists
+        a = None
+    if a is None or a.ndim == 0 or a.size == 0 or a.dtype.kind not in "fiu":
+        raise DataError(f"{where}: emb is {show_json(vec)}, expected a non-empty list of numbers")
+    return a.astype(np.float32).reshape(-1)
+
+
 def iter_mm_vectors(emb_dir, fid):
-    """Yield (creative_id, float32 vector) for feature `fid`, whichever form it is stored in."""
+    """Yield (creative_id, float32 vector, where) for feature `fid`, whichever form it is stored in."""
     for src in _mm_sources(emb_dir, fid):
         if src.endswith(".pkl"):
-            for cid, vec in load_pickle(src).items():
-                yield int(cid), np.asarray(vec, np.float32).reshape(-1), src
+            table = load_pickle(src)
+            if not isinstance(table, dict):
+                raise DataError(f"{src}: a pickled {type(table).__name__}, expected a dict "
+                                f"creative_id -> vector")
+            for cid, vec in table.items():
+                cid = _mm_cid(cid, src)
+                where = f"{src}: creative id {cid}"
+                yield cid, _mm_vector(vec, where), where
             continue
         for lineno, obj in iter_jsonl(src):
-            try:
-                cid, vec = obj["anonymous_cid"], obj["emb"]
-            except (KeyError, TypeError):
-                raise DataError(f"{src}:{lineno}: expected an object with 'anonymous_cid' and 'emb'") from None
-            yield int(cid), np.asarray(vec, np.float32).reshape(-1), f"{src}:{lineno}"
+            where = f"{src}:{lineno}"
+            if type(obj) is not dict or "anonymous_cid" not in obj or "emb" not in obj:
+                raise DataError(f"{where}: expected an object {{\"anonymous_cid\": <int>, \"emb\": [floats]}}")
+            yield _mm_cid(obj["anonymous_cid"], where), _mm_vector(obj["emb"], where), where
 
 
 def build_mm_cache(emb_dir, fid, cid_to_reid, num_items, cache_dir):
@@ -351,14 +536,20 @@ def build_mm_cache(emb_dir, fid, cid_to_reid, num_items, cache_dir):
             meta["extra"] = {int(c): r for c, r in meta["extra"].items()}
             meta["mask"] = np.load(os.path.join(out, f"emb_{fid}.mask.npy"))
             return table, meta
-    dim, extra = None, {}
+    if not emb_dir or not os.path.isdir(emb_dir):
+        raise DataError(f"{emb_dir or 'creative_emb'}: folder not found, expected the vectors of "
+                        f"multimodal feature {fid} (emb_{fid}_*.pkl or emb_{fid}_*/part-*)")
+    dim, first, extra = None, None, {}
     for cid, vec, where in iter_mm_vectors(emb_dir, fid):
         if dim is None:
-            dim = len(vec)
+            dim, first = len(vec), where
         elif len(vec) != dim:
-            raise DataError(f"{where}: feature {fid} vector of length {len(vec)}, expected {dim}")
-        if not np.isfinite(vec).all():
-            raise DataError(f"{where}: feature {fid} vector holds NaN or Inf")
+            raise DataError(f"{where}: feature {fid} vector has {len(vec)} values, expected {dim} "
+                            f"like the first one ({first})")
+        bad = np.flatnonzero(~np.isfinite(vec))
+        if bad.size:
+            raise DataError(f"{where}: feature {fid} vector holds {vec[bad[0]]} at index {bad[0]}, "
+                            f"expected finite numbers")
         if cid not in cid_to_reid and cid not in extra:
             extra[cid] = num_items + 1 + len(extra)
     if dim is None:
@@ -447,6 +638,14 @@ class ItemTable:
                 self.mm_row[fid] = np.concatenate([self.mm_row[fid], rows])
         return np.array([self.row_of_cid.get(c, 0) for c in cids], np.int64)
 
+    def loo_ctr(self, rows, clicked):
+        """Item CTR of a target event without that event (leave-one-out): the feature must not
+        encode its own label. None when the item CTR channel is off."""
+        if self.ctr_meta is None:
+            return None
+        return ctr_value(self.ctr_c[rows] - clicked, np.maximum(self.ctr_n[rows] - 1, 0),
+                         self.ctr_meta).astype(np.float32)
+
     def gather(self, rows, prefix, ctr=None):
         """Item inputs for an int array of rows (any shape) as a dict of tensors `prefix + key`."""
         rows = np.asarray(rows, np.int64)
@@ -480,9 +679,12 @@ class SequenceBuilder:
     the newest event is part of the context (the official baseline drops it).
     """
 
-    def __init__(self, cfg, table, user_index):
+    def __init__(self, cfg, table, user_index, strict_items=False):
         self.cfg, self.table, self.user_index = cfg, table, user_index
         self.user_meta = cfg.ctr_meta.get("user") if cfg.use_userctr else None
+        # training data holds re-ids only: an id past num_items there is a broken file, while at
+        # inference it is a raw creative id (a cold item)
+        self.strict_items = strict_items
 
     def user_row(self, user):
         """Record user id -> re-id; a raw string (unseen user) or anything unknown -> 0."""
@@ -492,9 +694,12 @@ class SequenceBuilder:
 
     def item_rows(self, items):
         """Record item slots -> table rows: an int <= num_items is a re-id, a larger int a raw
-        creative id (cold item at inference), anything else unknown (0)."""
+        creative id (cold item at inference), anything else unknown (0). With strict_items
+        (training) an id outside 1..num_items is a DataError."""
         n, rows = self.cfg.num_items, np.zeros(len(items), np.int64)
         for j, it in enumerate(items):
+            if self.strict_items and not (type(it) is int and 0 < it <= n):
+                raise DataError(f"item id {show_json(it)} unknown to the indexer (num_items {n})")
             if type(it) is int:
                 rows[j] = it if 0 < it <= n else self.table.row_of_cid.get(it, 0)
         return rows
@@ -549,16 +754,9 @@ class SequenceBuilder:
             tgt = np.arange(lo, lo + k + 1) if n else np.zeros(0, np.int64)
             s["pos_row"] = np.zeros(T, np.int64)
             s["pos_action"] = np.zeros(T, np.int64)
-            s["pos_ctr"] = np.zeros(T, np.float32)
             if n:
                 s["pos_row"][start:] = items[tgt]
                 s["pos_action"][start:] = acts[tgt] + 1
-                tm = self.table.ctr_meta
-                if tm is not None:
-                    # leave-one-out: the target's own event must not count in its CTR
-                    r = items[tgt]
-                    s["pos_ctr"][start:] = ctr_value(self.table.ctr_c[r] - (acts[tgt] >= 1),
-                                                     np.maximum(self.table.ctr_n[r] - 1, 0), tm)
         return s
 
 
@@ -571,8 +769,9 @@ class LineReader:
 
     def __init__(self, path, offsets):
         self.path, self.offsets = os.fspath(path), offsets
-        if not os.path.exists(self.path):
+        if not os.path.isfile(self.path):
             raise DataError(f"{self.path}: file not found")
+        self.size = os.path.getsize(self.path)
         self._fh, self._pid = None, None
 
     def __len__(self):
@@ -581,14 +780,22 @@ class LineReader:
     def __getitem__(self, i):
         if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
-        self._fh.seek(self.offsets[i])
+        off, where = self.offsets[i], f"{self.path}:{i + 1}"
+        if off >= self.size:
+            raise DataError(f"{where}: byte offset {off} is past the end of the file ({self.size} "
+                            f"bytes); is the offsets file from this seq file?")
+        # one byte more per read: the offset must follow a newline (or be 0)
+        self._fh.seek(max(off - 1, 0))
+        if off and self._fh.read(1) != b"\n":
+            raise DataError(f"{where}: byte offset {off} is not at a line start (the byte before it "
+                            f"is not a newline); is the offsets file from this seq file?")
         raw = self._fh.readline()
-        where = f"{self.path}:{i + 1}"
+        if not raw.strip():
+            raise DataError(f"{where}: empty line at byte offset {off}, expected a JSON array of records")
         try:
             return json.loads(raw), where
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: invalid JSON at byte offset {self.offsets[i]} ({e.msg}); "
-                            f"is the offsets file from this seq file?") from None
+        except (ValueError, RecursionError) as e:
+            raise _json_error(where, e, "a JSON array of records") from None
 
 
 class SeqDataset(torch.utils.data.Dataset):
@@ -608,28 +815,42 @@ class SeqDataset(torch.utils.data.Dataset):
 
 class PackedCollate:
     """Stacks samples and gathers all item inputs (history, targets, sampled negatives) into one
-    dict of tensors inside the DataLoader worker, so the training step only moves tensors."""
+    dict of tensors inside the DataLoader worker, so the training step only moves tensors.
 
-    def __init__(self, table, num_neg=0, num_items=0):
-        self.table, self.num_neg, self.num_items = table, num_neg, num_items
+    Item inputs are gathered once per distinct item (`seq_inv` / `pos_inv` map tokens to them):
+    a batch repeats items a lot, and the item tower then runs once per distinct item. Targets
+    are distinct per (item, clicked), because the target's item CTR leaves out its own event.
+    """
+
+    def __init__(self, table):
+        self.table = table
 
     def __call__(self, samples):
         batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]
                  if not k.startswith("_")}
         batch.update({k: [s[k] for s in samples] for k in samples[0] if k.startswith("_")})
-        batch.update(self.table.gather(batch.pop("seq_row").numpy(), "seq_"))
+        seq = batch.pop("seq_row").numpy()
+        rows, inv = np.unique(seq, return_inverse=True)
+        batch.update(self.table.gather(rows, "seq_"))
+        batch["seq_inv"] = torch.from_numpy(inv.reshape(seq.shape))
         if "pos_row" in batch:
-            rows = batch["pos_row"].numpy()
-            ctr = batch.pop("pos_ctr").numpy() if self.table.ctr_meta is not None else None
-            batch.update(self.table.gather(rows, "pos_", ctr=ctr))
-            batch["pos_row"] = torch.from_numpy(rows)
-            if self.num_neg:
-                # -1: the whole catalogue (full softmax), affordable for small catalogues
-                neg = (np.arange(1, self.num_items + 1) if self.num_neg < 0 else
-                       torch.randint(1, self.num_items + 1, (self.num_neg,)).numpy())
-                batch.update(self.table.gather(neg, "neg_"))
-                batch["neg_row"] = torch.from_numpy(neg)
+            pos, click = batch["pos_row"].numpy(), (batch["pos_action"].numpy() >= 2).astype(np.int64)
+            keys, inv = np.unique(pos * 2 + click, return_inverse=True)
+            rows = keys // 2
+            batch.update(self.table.gather(rows, "pos_", ctr=self.table.loo_ctr(rows, keys % 2)))
+            batch["pos_inv"] = torch.from_numpy(inv.reshape(pos.shape))
         return batch
+
+
+def sample_negatives(table, num_neg, num_items, generator=None):
+    """Uniform random negatives shared by a batch (prefix neg_); num_neg -1 = the whole catalogue.
+
+    Drawn in the training process from a checkpointed RNG, so a resumed run draws the same."""
+    rows = (np.arange(1, num_items + 1) if num_neg < 0 else
+            torch.randint(1, num_items + 1, (num_neg,), generator=generator).numpy())
+    out = table.gather(rows, "neg_")
+    out["neg_row"] = torch.from_numpy(rows)
+    return out
 
 
 def seed_worker(worker_id):
@@ -683,12 +904,12 @@ def load_train_data(data_dir, cfg, cache_dir, ctr_dir=None, limit_lines=None):
     indexer = load_pickle(os.path.join(data_dir, "indexer.pkl"))
     if not isinstance(indexer, dict) or "i" not in indexer:
         raise DataError(f"{data_dir}/indexer.pkl: expected a dict with keys 'u', 'i', 'f'")
-    item_feat_dict = read_json(os.path.join(data_dir, "item_feat_dict.json"))
+    item_feat_dict = read_item_feat_dict(os.path.join(data_dir, "item_feat_dict.json"))
     derive_schema(cfg, indexer, item_feat_dict, scan_profiles(seq_path, offsets))
     item_ctr = load_ctr_for(cfg, ctr_dir, seq_path)
     table = ItemTable(cfg, indexer, item_feat_dict, os.path.join(data_dir, "creative_emb"),
                       cache_dir, item_ctr)
-    builder = SequenceBuilder(cfg, table, indexer.get("u", {}))
+    builder = SequenceBuilder(cfg, table, indexer.get("u", {}), strict_items=True)
     return cfg, table, builder, seq_path, offsets
 
 

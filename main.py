@@ -10,10 +10,13 @@ Paths come from the seed's environment variables (TRAIN_DATA_PATH, TRAIN_LOG_PAT
 TRAIN_TF_EVENTS_PATH, TRAIN_CKPT_PATH, USER_CACHE_PATH) with defaults under ./data and ./runs.
 """
 import argparse
+import glob
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 
@@ -62,7 +65,7 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--encoder_type", choices=["hstu", "transformer"], default="hstu", help="encoder blocks")
     g.add_argument("--hidden_units", type=int, default=64, help="model width d")
-    g.add_argument("--feat_dim", type=int, default=0, help="width of each feature embedding (0 = hidden_units)")
+    g.add_argument("--feat_dim", type=int, default=32, help="width of each feature embedding (0 = hidden_units)")
     g.add_argument("--num_blocks", type=int, default=2, help="encoder blocks")
     g.add_argument("--num_heads", type=int, default=2, help="attention heads")
     g.add_argument("--dqk", type=int, default=32, help="HSTU per-head query/key width")
@@ -89,6 +92,8 @@ def get_args(argv=None):
     g.add_argument("--num_neg", type=int, default=512,
                    help="uniform random negatives per batch (shared); -1 = every item (full softmax)")
     flag("--in_batch_neg", True, "use the batch's other targets as negatives")
+    g.add_argument("--in_batch_max", type=int, default=2048,
+                   help="at most this many in-batch targets (a random subset) serve as negatives")
     flag("--logq", True, "subtract log expected sampling count (popularity) from every logit")
     g.add_argument("--nce_weight_scheme", choices=["none", "fixed", "cb", "focal"], default="none",
                    help="per-target weights: fixed click/exposure, class-balanced, or focal")
@@ -110,6 +115,13 @@ def get_args(argv=None):
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without validation gain (0 = off)")
     g.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    g.add_argument("--resume", default="auto",
+                   help="auto: continue from the newest complete checkpoint in TRAIN_CKPT_PATH; none: start "
+                        "afresh; or a checkpoint path")
+    g.add_argument("--ckpt_every_steps", type=int, default=0, help="also checkpoint every N optimizer steps (0 = per epoch only)")
+    g.add_argument("--keep_last_ckpts", type=int, default=3, help="keep the newest K checkpoints (+ the best); 0 keeps all")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="stop after this many optimizer steps in a row with a non-finite loss (each is skipped)")
     return p.parse_args(argv)
 
 
@@ -148,16 +160,128 @@ def resolve_mm(args, data_dir):
     return [] if args.mm_emb_id in (["none"], []) else [str(x) for x in args.mm_emb_id]
 
 
-def save_checkpoint(root, step, model, model_cfg, data_cfg, args, extra):
-    """Write global_step{N}/model.pt atomically, then meta.json last (its presence = complete)."""
-    d = os.path.join(root, f"global_step{step}")
-    state = {"model": model.state_dict(), "model_config": model_cfg.to_dict(),
-             "data_config": D.asdict(data_cfg), "args": vars(args), "global_step": step, **extra}
+class TrainingError(Exception):
+    """The run cannot go on (e.g. non-finite losses); printed as one line, exit code 3."""
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint at the next optimizer step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order fixed by (seed, epoch), sharded over ranks, resumable from a position.
+
+    Each rank gets every world-th index of one permutation (padded by wrapping so all ranks have
+    the same length, as DistributedSampler does)."""
+
+    def __init__(self, n, world, rank, seed):
+        self.n, self.world, self.rank, self.seed = n, world, rank, seed
+        self.epoch_len = math.ceil(n / world)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        perm = torch.cat([perm, perm[:self.epoch_len * self.world - self.n]])
+        return iter(perm[self.rank::self.world][self.start:].tolist())
+
+    def __len__(self):
+        return self.epoch_len - self.start
+
+
+def _rng_state():
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(root, model, model_cfg, data_cfg, args, opt, sched, st, extra, keep_last, world):
+    """global_step{N}/model.pt written atomically, then meta.json last: only a folder with
+    meta.json counts. Holds everything an exact resume needs. Keeps the newest `keep_last`
+    folders plus the best by validation."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    d = os.path.join(root, f"global_step{st['step']}")
+    state = {"model": model.state_dict(), "model_config": model_cfg.to_dict(), "data_config": D.asdict(data_cfg),
+             "args": {k: v for k, v in vars(args).items()}, "global_step": st["step"], **st,
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, **extra}
     with D.atomic_write(os.path.join(d, "model.pt"), "wb") as f:
         torch.save(state, f)
-    D.dump_json({"global_step": step, **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}},
-                os.path.join(d, "meta.json"))
+    D.dump_json({"global_step": st["step"], "epoch": st["epoch"], "micro": st["micro"],
+                 **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}, os.path.join(d, "meta.json"))
+    if st["best"] is not None:
+        D.dump_json({"global_step": st["best"][0], "valid_NDCG@10": st["best"][1],
+                     "path": f"global_step{st['best'][0]}"}, os.path.join(root, "best.json"))
+    if keep_last > 0:
+        keep = {f"global_step{st['best'][0]}"} if st["best"] is not None else set()
+        done = sorted(_complete_ckpts(root), key=lambda p: int(p.rsplit("global_step", 1)[1]))
+        for old in done[:-keep_last]:
+            if os.path.basename(old) not in keep:
+                shutil.rmtree(old, ignore_errors=True)
     return d
+
+
+def _complete_ckpts(root):
+    return [p for p in glob.glob(os.path.join(root, "global_step*"))
+            if p.rsplit("global_step", 1)[1].isdigit() and os.path.exists(os.path.join(p, "meta.json"))]
+
+
+def find_resume(mode, root):
+    """--resume auto: the newest complete checkpoint under TRAIN_CKPT_PATH (None if there is
+    none); none: start afresh; else a checkpoint folder or file."""
+    if mode == "none":
+        return None
+    if mode != "auto":
+        return mode
+    done = _complete_ckpts(root)
+    return max(done, key=lambda p: int(p.rsplit("global_step", 1)[1])) if done else None
+
+
+def load_resume(path, model, opt, sched, model_cfg, rank):
+    f = path if os.path.isfile(path) else os.path.join(path, "model.pt")
+    try:
+        ck = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise D.DataError(f"{f}: cannot resume from this checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if ck.get("model_config") != model_cfg.to_dict():
+        diff = sorted(k for k in model_cfg.to_dict() if ck.get("model_config", {}).get(k) != model_cfg.to_dict()[k])
+        raise D.DataError(f"{f}: checkpoint was trained with other settings ({', '.join(diff[:5])}); "
+                          f"pass --resume none or use another TRAIN_CKPT_PATH")
+    if "optimizer" not in ck:
+        raise D.DataError(f"{f}: holds weights only, no training state to resume from")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    rngs = ck["rng"]
+    _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return ck
 
 
 def read_item_pop(data_dir, ctr_dir, seq_path, num_items):
@@ -181,11 +305,11 @@ def read_item_pop(data_dir, ctr_dir, seq_path, num_items):
     return torch.from_numpy(np.log(prob)).float()
 
 
-def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True):
+def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None):
     """Per-target InfoNCE on L2-normalised vectors -> (loss [N], positive logit [N]).
 
-    Candidates: the positive, the other targets of the batch (in_batch) and shared sampled
-    negatives. Any candidate with the positive's item id (including the target itself among
+    Candidates: the positive, the other targets of the batch (in_batch; in_batch_idx picks a
+    random subset of them to bound the cost) and shared sampled negatives. Any candidate with the positive's item id (including the target itself among
     the in-batch columns) is masked: an accidental hit is not a negative. With log_pop, every
     logit (positive included) is corrected by the log of the item's expected count in the
     candidate set, N * p(item) for in-batch plus S / num_items for uniform samples (sampled
@@ -194,21 +318,23 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     pos_logit = (q * pos).sum(-1)                                      # [N]
     cols, ids = [], []
     if in_batch:
-        cols.append(pos)
-        ids.append(pos_ids)
+        sel = slice(None) if in_batch_idx is None else in_batch_idx
+        cols.append(pos[sel])
+        ids.append(pos_ids[sel])
     if negs is not None:
         cols.append(negs)
         ids.append(neg_ids)
     if not cols:
         raise ValueError("InfoNCE needs in-batch or sampled negatives")
     cand, cand_ids = torch.cat(cols), torch.cat(ids)                  # [M, d], [M]
+    n_in = len(ids[0]) if in_batch else 0
     neg_logit = (q @ cand.T).masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]
     if log_pop is not None:
         def log_expected(i):
             e = torch.zeros(i.shape, device=q.device)
             if in_batch:
-                e = e + len(pos_ids) * log_pop[i].exp()
+                e = e + n_in * log_pop[i].exp()
             if negs is not None:
                 e = e + (1.0 if len(neg_ids) >= num_items else len(neg_ids) / max(1, num_items))
             return e.log()
@@ -250,17 +376,20 @@ class Trainer(torch.nn.Module):
         valid = (batch["pos_row"] > 0) & (batch["token_type"] != D.PAD)    # [B, T]
         pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
         q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
-        pos = m.item_tower({k[4:]: v[valid] for k, v in batch.items()
-                            if k.startswith("pos_") and k not in ("pos_row", "pos_action")})
+        pos = m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
+                            and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
         negs = m.embed_items(batch, "neg_") if a.num_neg else None
         full = a.num_neg < 0             # full softmax: nothing is sampled, so no in-batch / logQ
         tau = torch.full(pos_ids.shape, a.temperature, device=q.device)
         if a.two_tau:
             tau = torch.where(pos_act >= 2, a.tau_click, a.tau_expo).float()
+        sub = None
+        if len(pos_ids) > a.in_batch_max:
+            sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:a.in_batch_max]
         loss, _ = info_nce(F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1), pos_ids,
                            None if negs is None else F.normalize(negs.float(), dim=-1),
                            batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
-                           self.num_items, a.in_batch_neg and not full)
+                           self.num_items, a.in_batch_neg and not full, sub)
         w = nce_weights(a.nce_weight_scheme, pos_act, loss, a.click_weight, a.focal_gamma, self.click_rate)
         return (loss * w).sum() / w.sum().clamp(min=1e-9)
 
@@ -311,13 +440,16 @@ def main(argv=None):
             trainer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     ds = D.SeqDataset(seq_path, offsets, builder, train=True)
-    sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed) if ddp else None
-    gen = torch.Generator().manual_seed(args.seed + rank)
+    sampler = EpochSampler(len(ds), world, rank, args.seed)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
-        num_workers=args.num_workers, pin_memory=args.pin_memory and device.type == "cuda",
-        collate_fn=D.PackedCollate(table, args.num_neg, data_cfg.num_items), worker_init_fn=D.seed_worker,
-        generator=gen, persistent_workers=args.num_workers > 0)
+        ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=args.pin_memory and device.type == "cuda", collate_fn=D.PackedCollate(table),
+        worker_init_fn=D.seed_worker, generator=torch.Generator().manual_seed(args.seed),
+        persistent_workers=False)
+    batches_per_epoch = math.ceil(sampler.epoch_len / args.batch_size)
+    full_negs = None
+    if args.num_neg < 0:                 # full softmax: the catalogue's inputs never change
+        full_negs = {k: v.to(device) for k, v in D.sample_negatives(table, -1, data_cfg.num_items).items()}
 
     decay, no_decay = [], []
     for n, prm in raw_model.named_parameters():
@@ -325,16 +457,26 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98),
                             fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps))
+    warmup = min(args.warmup_steps, total_steps // 5)
+    if warmup < args.warmup_steps:
+        say(f"notice: --warmup_steps {args.warmup_steps} capped to {warmup} (a fifth of the {total_steps} steps)")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_epochs": 0, "nonfinite": 0}
+    resume = find_resume(args.resume, paths["ckpt"])
+    if resume:
+        ck = load_resume(resume, raw_model, opt, sched, model_cfg, rank)
+        st.update({k: ck[k] for k in st if k in ck})
+        say(f"resumed from {resume}: epoch {st['epoch'] + 1}, batch {st['micro']}, step {st['step']}")
 
     valid_dir = None if args.valid_dir == "none" else (args.valid_dir or _default_valid(paths["data"]))
     writer, logf = None, None
     if master:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(paths["tb"])
+        writer = SummaryWriter(paths["tb"], purge_step=st["step"] + 1 if resume else None)
         os.makedirs(paths["log"], exist_ok=True)
         logf = open(os.path.join(paths["log"], "train.log"), "a")
         nparams = sum(p.numel() for p in raw_model.parameters())
@@ -342,69 +484,91 @@ def main(argv=None):
             f"world {world}  effective batch {args.batch_size * args.gradient_accumulation_steps * world}  "
             f"steps {total_steps}  mm {data_cfg.mm_emb_id}  ctr_dir {ctr_dir if (args.use_userctr or args.use_itemctr) else '-'}"
             f"  valid {valid_dir or '-'}")
-        logf.write(json.dumps({"event": "start", "args": vars(args), "world": world}) + "\n")
+        logf.write(json.dumps({"event": "resume" if resume else "start", "args": vars(args), "world": world}) + "\n")
 
-    step, best, bad_epochs, t0 = 0, None, 0, time.time()
-    last_ckpt = None
-    for epoch in range(args.num_epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+    stop = StopFlag()
+    save = lambda extra=None: save_checkpoint(paths["ckpt"], raw_model, model_cfg, data_cfg, args, opt, sched,
+                                              st, extra or {}, args.keep_last_ckpts, world)
+    last_ckpt, t0 = None, time.time()
+    while st["epoch"] < args.num_epochs:
+        epoch = st["epoch"]
+        sampler.set_epoch(epoch, st["micro"] * args.batch_size)
         trainer.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not (master and sys.stderr.isatty()))
-        micro, run_loss, run_n = 0, 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", initial=st["micro"], total=batches_per_epoch,
+                   disable=not (master and sys.stderr.isatty()))
+        run_loss, run_n, window_ok = 0.0, 0, True
         for batch in bar:
-            raw_model.set_id_dropout(id_dropout_at(args.first_epoch_id_item_dropout, epoch, micro / max(1, len(loader))))
+            raw_model.set_id_dropout(id_dropout_at(args.first_epoch_id_item_dropout, epoch, st["micro"] / batches_per_epoch))
+            if args.num_neg:
+                batch.update(full_negs or D.sample_negatives(table, args.num_neg, data_cfg.num_items))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp:
                 loss = trainer(batch)
-            (loss / args.gradient_accumulation_steps).backward()
-            micro += 1
-            run_loss, run_n = run_loss + loss.item(), run_n + 1
-            if micro % args.gradient_accumulation_steps and micro != len(loader):
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                (loss / args.gradient_accumulation_steps).backward()
+                run_loss, run_n = run_loss + loss.item(), run_n + 1
+            window_ok &= finite
+            st["micro"] += 1
+            if st["micro"] % args.gradient_accumulation_steps and st["micro"] != batches_per_epoch:
                 continue
+            if not window_ok:
+                # a non-finite loss skips the whole optimizer step; too many in a row stop the run
+                opt.zero_grad(set_to_none=True)
+                st["nonfinite"] += 1
+                window_ok = True
+                if st["nonfinite"] >= args.max_nonfinite_steps:
+                    raise TrainingError(f"stopped at step {st['step'] + 1}: {st['nonfinite']} optimizer steps in a "
+                                        f"row had a non-finite loss (lower --lr, check the data)")
+                continue
+            st["nonfinite"] = 0
             gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_norm) if args.clip_norm > 0 else torch.tensor(0.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            if master and (step % args.log_every == 0 or micro == len(loader)):
-                rec = {"step": step, "epoch": epoch + 1, "loss": run_loss / run_n, "lr": sched.get_last_lr()[0],
+            st["step"] += 1
+            if master and run_n and (st["step"] % args.log_every == 0 or st["micro"] == batches_per_epoch):
+                rec = {"step": st["step"], "epoch": epoch + 1, "loss": run_loss / run_n, "lr": sched.get_last_lr()[0],
                        "grad_norm": float(gnorm), "id_dropout": raw_model.item_tower.id_dropout,
                        "elapsed_s": round(time.time() - t0, 1)}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 for k in ("loss", "lr", "grad_norm", "id_dropout"):
-                    writer.add_scalar(f"train/{k}", rec[k], step)
+                    writer.add_scalar(f"train/{k}", rec[k], st["step"])
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 run_loss, run_n = 0.0, 0
-        extra = {"epoch": epoch + 1}
+            if st["micro"] == batches_per_epoch:
+                break
+            if stop.requested or (args.ckpt_every_steps and st["step"] % args.ckpt_every_steps == 0):
+                last_ckpt = save()
+                if stop.requested:
+                    say(f"signal {stop.requested}: saved {last_ckpt}; rerun the same command to continue")
+                    return last_ckpt
+        extra = {}
         if valid_dir and master:
             from infer import evaluate_folder
             m = evaluate_folder(raw_model, data_cfg, table, valid_dir, paths["data"], device)
             extra.update({f"valid_{k}": v for k, v in m.items()})
             for k, v in m.items():
-                writer.add_scalar(f"valid/{k}", v, step)
+                writer.add_scalar(f"valid/{k}", v, st["step"])
             say(f"epoch {epoch + 1} valid " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        if master:
-            last_ckpt = save_checkpoint(paths["ckpt"], step, raw_model, model_cfg, data_cfg, args, extra)
-            say(f"epoch {epoch + 1} done  step {step}  {time.time() - t0:.0f}s  -> {last_ckpt}")
-            if "valid_NDCG@10" in extra:
-                if best is None or extra["valid_NDCG@10"] > best[1]:
-                    best, bad_epochs = (step, extra["valid_NDCG@10"]), 0
-                    D.dump_json({"global_step": step, "valid_NDCG@10": best[1],
-                                 "path": os.path.basename(last_ckpt)}, os.path.join(paths["ckpt"], "best.json"))
-                else:
-                    bad_epochs += 1
+            if st["best"] is None or m["NDCG@10"] > st["best"][1]:
+                st["best"], st["bad_epochs"] = [st["step"], m["NDCG@10"]], 0
+            else:
+                st["bad_epochs"] += 1
         if ddp:
-            flag_t = torch.tensor([bad_epochs], device=device)
+            flag_t = torch.tensor([st["bad_epochs"]], device=device)
             dist.broadcast(flag_t, 0)
-            bad_epochs = int(flag_t.item())
-        if args.patience and bad_epochs >= args.patience:
-            say(f"early stop: no validation gain for {bad_epochs} epochs")
+            st["bad_epochs"] = int(flag_t.item())
+        st["epoch"], st["micro"] = epoch + 1, 0
+        last_ckpt = save(extra)
+        say(f"epoch {epoch + 1} done  step {st['step']}  {time.time() - t0:.0f}s  -> {last_ckpt}")
+        if args.patience and st["bad_epochs"] >= args.patience:
+            say(f"early stop: no validation gain for {st['bad_epochs']} epochs")
             break
     if master:
         writer.close()
-        logf.write(json.dumps({"event": "end", "step": step, "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+        logf.write(json.dumps({"event": "end", "step": st["step"], "elapsed_s": round(time.time() - t0, 1)}) + "\n")
         logf.close()
     if ddp:
         dist.destroy_process_group()
@@ -422,3 +586,6 @@ if __name__ == "__main__":
     except D.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -63,9 +63,15 @@ def test_real_fragment_trains_through_the_packed_path(sample_dir, tmp_path):
     assert set(cfg.user_sparse) == {"103", "104", "105", "109"} and set(cfg.user_array) <= {"106", "107", "108", "110"}
     assert cfg.item_sparse["111"] == 58734 + 1 and cfg.num_items == 58734 and cfg.mm_dims == {"81": 32}
     ds = D.SeqDataset(seq, offsets, builder)
-    batch = D.PackedCollate(table, num_neg=7, num_items=cfg.num_items)([ds[i] for i in range(4)])
-    assert batch["seq_sparse"].shape == (4, 21, 14) and batch["neg_id"].shape == (7,)
-    assert batch["seq_mm_81"].shape == (4, 21, 32)
+    batch = D.PackedCollate(table)([ds[i] for i in range(4)])
+    batch.update(D.sample_negatives(table, 7, cfg.num_items))
+    assert batch["seq_inv"].shape == (4, 21) and batch["neg_id"].shape == (7,)
+    assert batch["seq_sparse"].shape == (int(batch["seq_inv"].max()) + 1, 14)
+    assert batch["seq_mm_81"].shape == (int(batch["seq_inv"].max()) + 1, 32)
+    # distinct-item packing is lossless: gathering per token gives the same inputs
+    rows = np.stack([ds[i]["seq_row"] for i in range(4)])
+    np.testing.assert_array_equal(batch["seq_sparse"][batch["seq_inv"]].numpy(), table.sparse[rows])
+    np.testing.assert_array_equal(batch["pos_id"][batch["pos_inv"]].numpy(), batch["pos_row"].numpy())
     # a multimodal vector in the table equals the shard's vector for that creative id
     first = json.loads(open(sample_dir / "creative_emb" / "emb_81_32" / "part-00000").readline())
     row = table.row_of_cid[first["anonymous_cid"]]
@@ -172,8 +178,10 @@ def test_target_item_ctr_is_leave_one_out_and_user_ctr_uses_only_the_past():
     # targets: item 2 (exposure), item 3 (click), item 2 (click); each target's own event is
     # removed from that item's counts: events - 1, and clicks - 1 when the target is a click
     assert s["pos_row"].tolist()[-3:] == [2, 3, 2]
-    np.testing.assert_allclose(s["pos_ctr"][-3:], np.float32([ctr_value(5, 9, meta), ctr_value(1, 3, meta),
-                                                              ctr_value(4, 9, meta)]))
+    batch = D.PackedCollate(table)([s])
+    pos_ctr = batch["pos_ctr"][batch["pos_inv"][0, -3:]]
+    np.testing.assert_allclose(pos_ctr, np.float32([ctr_value(5, 9, meta), ctr_value(1, 3, meta),
+                                                    ctr_value(4, 9, meta)]))
     # history tokens carry the full item CTR (the value inference sees)
     np.testing.assert_allclose(table.ctr_z[[2, 3]], np.float32([ctr_value(5, 10, meta), ctr_value(2, 4, meta)]))
     # running user CTR: counts up to and including each token's event, never later ones
