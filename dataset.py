@@ -615,6 +615,12 @@ class ItemTable:
     def __len__(self):
         return len(self.id)
 
+    def set_popularity(self, counts, head_min_count):
+        """Item event counts by row (from item_pop.json); hot = count >= head_min_count."""
+        self.pop_count = np.zeros(len(self.id), np.float64)
+        self.pop_count[:min(len(counts), len(self.id))] = counts[:len(self.id)]
+        self.hot = self.pop_count >= head_min_count
+
     def extend(self, cids, feat_dicts):
         """Append rows for creative ids not in the table (cold items); returns every cid's row."""
         new = [(c, fd) for c, fd in zip(cids, feat_dicts) if c not in self.row_of_cid]
@@ -679,8 +685,9 @@ class SequenceBuilder:
     the newest event is part of the context (the official baseline drops it).
     """
 
-    def __init__(self, cfg, table, user_index, strict_items=False):
+    def __init__(self, cfg, table, user_index, strict_items=False, rank_packages=False):
         self.cfg, self.table, self.user_index = cfg, table, user_index
+        self.rank_packages = rank_packages
         self.user_meta = cfg.ctr_meta.get("user") if cfg.use_userctr else None
         # training data holds re-ids only: an id past num_items there is a broken file, while at
         # inference it is a raw creative id (a cold item)
@@ -704,7 +711,27 @@ class SequenceBuilder:
                 rows[j] = it if 0 < it <= n else self.table.row_of_cid.get(it, 0)
         return rows
 
-    def build(self, user, user_feat, events, train):
+    def packages(self, items, acts, tgt, rng):
+        """Rank package per target: [cold click, hot click, cold exposure, hot exposure, random].
+
+        The first four come from the user's own events strictly before the target event (index
+        < tgt), by item popularity (table.hot) and action; the fifth is a uniformly random
+        catalogue item, so the grades click (3) > exposure (2) > random (1) never contradict
+        each other. A slot with no such event is masked (grade 0), never faked.
+        """
+        hot, click = self.table.hot[items], acts >= 1
+        rows, grade = np.zeros((len(tgt), 5), np.int64), np.zeros((len(tgt), 5), np.int64)
+        for c, (mask, g) in enumerate([(click & ~hot, 3), (click & hot, 3), (~click & ~hot, 2), (~click & hot, 2)]):
+            idx = np.flatnonzero(mask & (items > 0))
+            cnt = np.searchsorted(idx, tgt)                   # such events strictly before each target
+            ok = cnt > 0
+            pick = (rng.random(len(tgt)) * cnt).astype(np.int64)
+            rows[ok, c], grade[ok, c] = items[idx[pick[ok]]], g
+        rows[:, 4] = rng.integers(1, self.cfg.num_items + 1, len(tgt))
+        grade[:, 4] = 1
+        return rows, grade
+
+    def build(self, user, user_feat, events, train, rng=None):
         cfg, T = self.cfg, self.cfg.maxlen + 1
         n = len(events)
         if train:
@@ -757,6 +784,10 @@ class SequenceBuilder:
             if n:
                 s["pos_row"][start:] = items[tgt]
                 s["pos_action"][start:] = acts[tgt] + 1
+            if self.rank_packages:
+                s["pkg_row"], s["pkg_grade"] = np.zeros((T, 5), np.int64), np.zeros((T, 5), np.int64)
+                if n:
+                    s["pkg_row"][start:], s["pkg_grade"][start:] = self.packages(items, acts, tgt, rng)
         return s
 
 
@@ -801,8 +832,10 @@ class LineReader:
 class SeqDataset(torch.utils.data.Dataset):
     """Training users, one sample per line of seq.jsonl."""
 
-    def __init__(self, seq_path, offsets, builder, train=True):
+    def __init__(self, seq_path, offsets, builder, train=True, seed=0):
         self.lines, self.builder, self.train = LineReader(seq_path, offsets), builder, train
+        # package sampling depends only on (seed, epoch, line): workers need no shared RNG state
+        self.seed, self.epoch = seed, 0
 
     def __len__(self):
         return len(self.lines)
@@ -810,7 +843,8 @@ class SeqDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         records, where = self.lines[i]
         user, user_feat, events = parse_user_records(records, where)
-        return self.builder.build(user, user_feat, events, self.train)
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.builder.rank_packages else None
+        return self.builder.build(user, user_feat, events, self.train, rng)
 
 
 class PackedCollate:
@@ -839,6 +873,11 @@ class PackedCollate:
             rows = keys // 2
             batch.update(self.table.gather(rows, "pos_", ctr=self.table.loo_ctr(rows, keys % 2)))
             batch["pos_inv"] = torch.from_numpy(inv.reshape(pos.shape))
+        if "pkg_row" in batch:
+            pkg = batch["pkg_row"].numpy()
+            rows, inv = np.unique(pkg, return_inverse=True)
+            batch.update(self.table.gather(rows, "pkg_"))
+            batch["pkg_inv"] = torch.from_numpy(inv.reshape(pkg.shape))
         return batch
 
 
@@ -890,6 +929,32 @@ def find_ctr_dir(*candidates):
         if d and os.path.exists(os.path.join(d, "ctr_meta.json")):
             return d
     return None
+
+
+def load_item_pop(data_dir, ctr_dir, seq_path, cache_dir, num_items):
+    """Item popularity: item_pop.json from the train folder, else the CTR folder; built by
+    precompute_ctr's counting into cache_dir/ctr when neither has it. Returns (event counts by
+    re-id [num_items + 1], head_min_count)."""
+    import precompute_ctr as P
+    path = next((os.path.join(d, P.ITEM_POP_FILE) for d in (data_dir, ctr_dir)
+                 if d and os.path.exists(os.path.join(d, P.ITEM_POP_FILE))), None)
+    if path is None:
+        c = P.count_events(seq_path)
+        pop = P.item_popularity(c["item_ids"], c["item_events"], 0.8)
+        path = os.path.join(cache_dir, "ctr", P.ITEM_POP_FILE)
+        dump_json(pop, path)
+        print(f"notice: no item_pop.json in {data_dir} or the CTR folder; wrote {path}")
+    pop = read_json(path)
+    try:
+        ids = np.array([int(k) for k in pop["counts"]], np.int64)
+        cnt = np.array(list(pop["counts"].values()), np.float64)
+        head = float(pop["head_min_count"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DataError(f"{path}: expected {{'head_min_count': H, 'counts': {{item re-id: events}}}}") from None
+    counts = np.zeros(num_items + 1)
+    keep = (ids > 0) & (ids <= num_items)
+    counts[ids[keep]] = cnt[keep]
+    return counts, head
 
 
 def load_train_data(data_dir, cfg, cache_dir, ctr_dir=None, limit_lines=None):

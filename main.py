@@ -103,6 +103,12 @@ def get_args(argv=None):
     g.add_argument("--tau_click", type=float, default=0.03, help="temperature for click targets")
     g.add_argument("--tau_expo", type=float, default=0.05, help="temperature for exposure targets")
 
+    flag("--use_rankloss", False, "rank loss over per-target rank packages (positive > clicked > exposed > random)")
+    g.add_argument("--rankloss_mode", choices=["pairwise", "listwise"], default="listwise",
+                   help="pairwise: BPR over ordered pairs; listwise: softmax cross-entropy with graded targets")
+    g.add_argument("--lambda_rank", type=float, default=0.5, help="weight of the rank loss")
+    flag("--rank_pkg_as_neg", False, "package items also serve as per-target hard negatives in InfoNCE")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=128, help="users per micro-batch (per process)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -284,33 +290,15 @@ def load_resume(path, model, opt, sched, model_cfg, rank):
     return ck
 
 
-def read_item_pop(data_dir, ctr_dir, seq_path, num_items):
-    """Item event counts (item_pop.json from precompute_ctr.py: train folder, then CTR folder;
-    counted from seq.jsonl when neither has it) -> log sampling probability per item row."""
-    import precompute_ctr
-    for d in (data_dir, ctr_dir):
-        path = os.path.join(d, "item_pop.json") if d else None
-        if path and os.path.exists(path):
-            pop = D.read_json(path)
-            ids = np.array([int(k) for k in pop["counts"]], np.int64)
-            cnt = np.array(list(pop["counts"].values()), np.float64)
-            break
-    else:
-        c = precompute_ctr.count_events(seq_path)
-        ids, cnt = c["item_ids"], c["item_events"].astype(np.float64)
-    counts = np.zeros(num_items + 1)
-    keep = ids <= num_items
-    counts[ids[keep]] = cnt[keep]
-    prob = (counts + 1.0) / (counts.sum() + num_items + 1.0)        # add-one: no item has p = 0
-    return torch.from_numpy(np.log(prob)).float()
-
-
-def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None):
+def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None,
+             row_negs=None, row_neg_ids=None):
     """Per-target InfoNCE on L2-normalised vectors -> (loss [N], positive logit [N]).
 
     Candidates: the positive, the other targets of the batch (in_batch; in_batch_idx picks a
     random subset of them to bound the cost) and shared sampled negatives. Any candidate with the positive's item id (including the target itself among
-    the in-batch columns) is masked: an accidental hit is not a negative. With log_pop, every
+    the in-batch columns) is masked: an accidental hit is not a negative. row_negs [N, K, d] are
+    per-target hard negatives (row_neg_ids 0 = empty slot), masked the same way and not
+    popularity-corrected (they are not drawn by popularity). With log_pop, every
     logit (positive included) is corrected by the log of the item's expected count in the
     candidate set, N * p(item) for in-batch plus S / num_items for uniform samples (sampled
     softmax, Yi et al. 2019); without it popular items are over-penalised.
@@ -324,9 +312,10 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     if negs is not None:
         cols.append(negs)
         ids.append(neg_ids)
-    if not cols:
-        raise ValueError("InfoNCE needs in-batch or sampled negatives")
-    cand, cand_ids = torch.cat(cols), torch.cat(ids)                  # [M, d], [M]
+    if not cols and row_negs is None:
+        raise ValueError("InfoNCE needs in-batch, sampled or per-target negatives")
+    cand = torch.cat(cols) if cols else q.new_zeros(0, q.shape[1])    # [M, d]
+    cand_ids = torch.cat(ids) if ids else pos_ids.new_zeros(0)
     n_in = len(ids[0]) if in_batch else 0
     neg_logit = (q @ cand.T).masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]
@@ -340,7 +329,36 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
             return e.log()
         logits = logits - torch.cat([log_expected(pos_ids).unsqueeze(1),
                                      log_expected(cand_ids).unsqueeze(0).expand(len(q), -1)], 1)
+    if row_negs is not None:
+        hard = (q.unsqueeze(1) * row_negs).sum(-1)                      # [N, K]
+        hard = hard.masked_fill((row_neg_ids == 0) | (row_neg_ids == pos_ids.unsqueeze(1)), float("-inf"))
+        logits = torch.cat([logits, hard / tau.unsqueeze(1)], 1)
     return torch.logsumexp(logits, 1) - logits[:, 0], pos_logit
+
+
+def rank_loss(s_pos, s_pkg, grade, mode):
+    """Graded ranking of [positive (grade 4), package items (grade 1-3; 0 = masked)] per target.
+
+    pairwise: mean over ordered pairs (higher grade i, lower grade j) of -log sigmoid(s_i - s_j);
+    listwise: cross-entropy between softmax(scores) and targets proportional to 2^grade - 1.
+    Returns the mean over targets that have at least one valid package item.
+    """
+    scores = torch.cat([s_pos.unsqueeze(1), s_pkg], 1)                  # [N, 1 + K]
+    g = torch.cat([torch.full_like(grade[:, :1], 4), grade], 1)
+    valid = g > 0
+    has = valid[:, 1:].any(1)
+    if not has.any():
+        return scores.sum() * 0.0
+    if mode == "pairwise":
+        pair = (g.unsqueeze(2) > g.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)   # [N, 1+K, 1+K]
+        lp = F.logsigmoid(scores.unsqueeze(2) - scores.unsqueeze(1))
+        per = -(lp * pair).sum((1, 2)) / pair.sum((1, 2)).clamp(min=1)
+    else:
+        target = (2.0 ** g - 1) * valid
+        target = target / target.sum(1, keepdim=True)
+        logp = torch.log_softmax(scores.masked_fill(~valid, float("-inf")), 1)
+        per = -(target * torch.where(valid, logp, torch.zeros_like(logp))).sum(1)
+    return per[has].mean()
 
 
 def nce_weights(scheme, pos_act, loss, click_weight=2.0, gamma=2.0, click_rate=0.1):
@@ -386,12 +404,23 @@ class Trainer(torch.nn.Module):
         sub = None
         if len(pos_ids) > a.in_batch_max:
             sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:a.in_batch_max]
-        loss, _ = info_nce(F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1), pos_ids,
-                           None if negs is None else F.normalize(negs.float(), dim=-1),
-                           batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
-                           self.num_items, a.in_batch_neg and not full, sub)
+        qn, posn = F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1)
+        pkg = pkg_ids = None
+        if "pkg_row" in batch:
+            pkg = F.normalize(m.embed_items(batch, "pkg_")[batch["pkg_inv"][valid]].float(), dim=-1)   # [N, 5, d]
+            pkg_ids = batch["pkg_row"][valid] * (batch["pkg_grade"][valid] > 0)
+        loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else F.normalize(negs.float(), dim=-1),
+                               batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
+                               self.num_items, a.in_batch_neg and not full, sub,
+                               pkg if a.rank_pkg_as_neg else None, pkg_ids if a.rank_pkg_as_neg else None)
         w = nce_weights(a.nce_weight_scheme, pos_act, loss, a.click_weight, a.focal_gamma, self.click_rate)
-        return (loss * w).sum() / w.sum().clamp(min=1e-9)
+        total = (loss * w).sum() / w.sum().clamp(min=1e-9)
+        if a.use_rankloss:
+            # an accidental hit (package item == target) is masked, not ranked below itself
+            grade = batch["pkg_grade"][valid] * (pkg_ids != pos_ids.unsqueeze(1))
+            s_pkg = (qn.unsqueeze(1) * pkg).sum(-1)
+            total = total + a.lambda_rank * rank_loss(s_pos / tau, s_pkg / tau.unsqueeze(1), grade, a.rankloss_mode)
+        return total
 
 
 def main(argv=None):
@@ -424,7 +453,11 @@ def main(argv=None):
         data_cfg.use_timefeat = False
     data_cfg, table, builder, seq_path, offsets = D.load_train_data(
         paths["data"], data_cfg, paths["cache"], ctr_dir, args.limit_users)
-    log_pop = read_item_pop(paths["data"], ctr_dir, seq_path, data_cfg.num_items)
+    counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items)
+    table.set_popularity(counts, head_min)
+    builder.rank_packages = args.use_rankloss or args.rank_pkg_as_neg
+    # add-one smoothing: no item has sampling probability 0
+    log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
 
     model_cfg = ModelConfig(**{k: getattr(args, k) for k in (
         "encoder_type", "hidden_units", "num_blocks", "num_heads", "dqk", "dv", "dropout_rate", "norm_first",
@@ -439,7 +472,7 @@ def main(argv=None):
         trainer = torch.nn.parallel.DistributedDataParallel(
             trainer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    ds = D.SeqDataset(seq_path, offsets, builder, train=True)
+    ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=args.seed)
     sampler = EpochSampler(len(ds), world, rank, args.seed)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -493,6 +526,7 @@ def main(argv=None):
     while st["epoch"] < args.num_epochs:
         epoch = st["epoch"]
         sampler.set_epoch(epoch, st["micro"] * args.batch_size)
+        ds.epoch = epoch                 # workers are forked per epoch and see it
         trainer.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", initial=st["micro"], total=batches_per_epoch,
                    disable=not (master and sys.stderr.isatty()))

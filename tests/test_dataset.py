@@ -187,3 +187,32 @@ def test_target_item_ctr_is_leave_one_out_and_user_ctr_uses_only_the_past():
     # running user CTR: counts up to and including each token's event, never later ones
     np.testing.assert_allclose(s["user_ctr"][-3:], np.float32([ctr_value(0, 0, meta), ctr_value(0, 1, meta),
                                                                ctr_value(1, 2, meta)]))
+
+
+def test_rank_packages_use_only_events_before_the_target():
+    b, table = _tiny_builder()
+    table.set_popularity(np.array([0, 9, 1, 9, 1, 9, 1], float), 5)       # odd rows hot
+    b.rank_packages = True
+    rng = np.random.default_rng(0)
+    events = [(r, None, int(r in (2, 3)), 1000 + 10 * r) for r in (1, 2, 3, 4, 5, 6)]
+    for _ in range(20):
+        s = b.build(1, None, events, train=True, rng=rng)
+        T = len(s["token_type"])
+        for t in range(T):
+            if s["pos_row"][t] == 0:
+                assert (s["pkg_grade"][t] == 0).all()
+                continue
+            tgt = [e[0] for e in events].index(s["pos_row"][t])          # rows are distinct here
+            before = {e[0]: e for e in events[:tgt]}
+            for slot, (row, g) in enumerate(zip(s["pkg_row"][t], s["pkg_grade"][t])):
+                if slot == 4:
+                    assert g == 1 and 1 <= row <= 6                       # random catalogue item
+                    continue
+                if g == 0:
+                    # masked only when no event of that kind exists before the target
+                    want_click, want_hot = slot in (0, 1), slot in (1, 3)
+                    assert not any((e[2] >= 1) == want_click and table.hot[r] == want_hot for r, e in before.items())
+                    continue
+                assert row in before, "package item from the target or later"
+                assert (before[row][2] >= 1) == (slot in (0, 1)) and g == (3 if slot in (0, 1) else 2)
+                assert table.hot[row] == (slot in (1, 3))

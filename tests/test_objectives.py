@@ -8,14 +8,15 @@ import torch.nn.functional as F
 import main
 
 
-def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_batch):
+def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_batch, sub=None):
     """One example at a time: explicit candidate list, explicit skip of accidental hits."""
     N = len(q)
+    batch_cols = list(range(N)) if sub is None else sub
     out = []
     for i in range(N):
         cands = []
         if in_batch:
-            cands += [(pos[j], int(pos_ids[j]), "batch") for j in range(N)]
+            cands += [(pos[j], int(pos_ids[j]), "batch") for j in batch_cols]
         if negs is not None:
             cands += [(negs[j], int(neg_ids[j]), "neg") for j in range(len(negs))]
 
@@ -24,7 +25,7 @@ def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_b
                 return 0.0
             e = 0.0
             if in_batch:
-                e += N * math.exp(float(log_pop[item]))
+                e += len(batch_cols) * math.exp(float(log_pop[item]))
             if negs is not None:
                 e += len(negs) / num_items
             return math.log(e)
@@ -40,9 +41,10 @@ def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_b
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("in_batch,with_negs,logq", [(True, True, True), (True, False, False), (False, True, True),
-                                                     (True, True, False)])
-def test_info_nce_matches_naive_loop(in_batch, with_negs, logq):
+@pytest.mark.parametrize("in_batch,with_negs,logq,sub", [(True, True, True, None), (True, False, False, None),
+                                                         (False, True, True, None), (True, True, False, None),
+                                                         (True, True, True, [4, 0, 2])])
+def test_info_nce_matches_naive_loop(in_batch, with_negs, logq, sub):
     torch.manual_seed(0)
     N, S, d, items = 6, 5, 4, 9
     q = F.normalize(torch.randn(N, d), dim=-1)
@@ -52,8 +54,9 @@ def test_info_nce_matches_naive_loop(in_batch, with_negs, logq):
     neg_ids = torch.tensor([3, 6, 7, 1, 8]) if with_negs else None
     tau = torch.tensor([0.05, 0.1, 0.05, 0.2, 0.05, 0.1])
     log_pop = torch.log(torch.softmax(torch.randn(items + 1), 0)) if logq else None
-    got, _ = main.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch)
-    want = naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch)
+    got, _ = main.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch,
+                           None if sub is None else torch.tensor(sub))
+    want = naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch, sub)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -103,3 +106,46 @@ def test_schedules():
     assert main.id_dropout_at(0.6, 0, 0.0) == pytest.approx(0.6)
     assert main.id_dropout_at(0.6, 0, 0.5) == pytest.approx(0.3)
     assert main.id_dropout_at(0.6, 1, 0.0) == 0.0 and main.id_dropout_at(0.0, 0, 0.0) == 0.0
+
+
+def naive_rank_loss(s_pos, s_pkg, grade, mode):
+    per = []
+    for i in range(len(s_pos)):
+        items = [(float(s_pos[i]), 4)] + [(float(s_pkg[i, j]), int(grade[i, j])) for j in range(s_pkg.shape[1])
+                                          if grade[i, j] > 0]
+        if len(items) == 1:
+            continue
+        if mode == "pairwise":
+            terms = [-math.log(1 / (1 + math.exp(-(a - b)))) for a, ga in items for b, gb in items if ga > gb]
+            per.append(sum(terms) / len(terms))
+        else:
+            z = sum(math.exp(a) for a, _ in items)
+            tot = sum(2 ** g - 1 for _, g in items)
+            per.append(-sum((2 ** g - 1) / tot * (a - math.log(z)) for a, g in items))
+    return sum(per) / len(per)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "listwise"])
+def test_rank_loss_matches_naive_loop(mode):
+    torch.manual_seed(0)
+    s_pos, s_pkg = torch.randn(4), torch.randn(4, 5)
+    grade = torch.tensor([[3, 3, 2, 2, 1], [0, 3, 0, 2, 1], [0, 0, 0, 0, 0], [3, 0, 2, 0, 0]])
+    got = main.rank_loss(s_pos, s_pkg, grade, mode)
+    assert got.item() == pytest.approx(naive_rank_loss(s_pos, s_pkg, grade, mode), rel=1e-5)
+
+
+def test_package_hard_negatives_extend_the_softmax():
+    torch.manual_seed(2)
+    q, pos = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
+    ids = torch.tensor([1, 2, 3])
+    hard = F.normalize(torch.randn(3, 2, 4), dim=-1)
+    hard_ids = torch.tensor([[5, 0], [2, 6], [7, 8]])      # empty slot, accidental hit
+    tau = torch.full((3,), 0.5)
+    got, _ = main.info_nce(q, pos, ids, None, None, tau, None, 10, True, None, hard, hard_ids)
+    want = []
+    for i in range(3):
+        logits = [float(q[i] @ pos[i])] + [float(q[i] @ pos[j]) for j in range(3) if j != i]
+        logits += [float(q[i] @ hard[i, k]) for k in range(2) if hard_ids[i, k] not in (0, ids[i])]
+        t = torch.tensor(logits, dtype=torch.float64) / 0.5
+        want.append(float(torch.logsumexp(t, 0) - t[0]))
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
