@@ -289,14 +289,15 @@ class GenerativeRecommender(nn.Module):
 
     def embed_items(self, batch, prefix):
         """The single item-embedding function: history tokens, targets, negatives, candidates."""
-        return self.item_tower(self._sub(batch, prefix))
+        return self.item_tower({k: v for k, v in self._sub(batch, prefix).items() if k != "inv"})
 
     def encode(self, batch):
         """Encoder states [B, T, d] for the token sequence in `batch` (left-padded)."""
         cfg = self.cfg
         tt = batch["token_type"]
         B, T = tt.shape
-        x = self.embed_items(batch, "seq_") * (tt == ITEM_TOKEN).unsqueeze(-1)
+        x = self.embed_items(batch, "seq_")[batch["seq_inv"]]            # [U, d] -> [B, T, d]
+        x = x * (tt == ITEM_TOKEN).unsqueeze(-1)
         user = self.user_tower({"id": batch["user_id"], "sparse": batch["user_sparse"],
                                 "array": batch["user_array"]})        # [B, d]
         x = torch.where((tt == USER_TOKEN).unsqueeze(-1), user.unsqueeze(1).to(x.dtype), x)

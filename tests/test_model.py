@@ -49,6 +49,14 @@ def make_batch(B=3, n_events=(8, 5, 2), seed=0):
     return b
 
 
+def pack(b):
+    """Per-token item inputs -> one row per token plus seq_inv, the collate's packed form."""
+    out = {k: (v.flatten(0, 1) if k.startswith("seq_") else v) for k, v in b.items()}
+    B, Tb = b["token_type"].shape
+    out["seq_inv"] = torch.arange(B * Tb).view(B, Tb)
+    return out
+
+
 OPTIONS = [dict(), dict(encoder_type="transformer"), dict(hstu_attn="silu"), dict(use_rope=True),
            dict(use_rel_bias=True), dict(use_senet=True), dict(action_cond=True), dict(norm_type="layernorm"),
            dict(norm_first=False), dict(use_rel_bias=True, hstu_attn="silu", use_rope=True)]
@@ -110,7 +118,7 @@ def test_no_future_leakage(opts):
                 "hour", "weekday", "week", "gap_bucket"):
         b[key][:, t + 1:] = a[key][:, t + 1:].flip(0)
     b["ts"][:, t + 1:] = b["ts"][:, t + 1:] + 99_999
-    ha, hb = m.encode(a), m.encode(b)
+    ha, hb = m.encode(pack(a)), m.encode(pack(b))
     torch.testing.assert_close(ha[:, :t + 1], hb[:, :t + 1])
     assert not torch.allclose(ha[:, t + 1:], hb[:, t + 1:])
 
@@ -133,7 +141,7 @@ def test_left_padding_does_not_change_outputs(opts):
     a = make_batch()
     pad = {k: (torch.cat([torch.zeros(v.shape[0], 4, *v.shape[2:], dtype=v.dtype), v], 1) if v.dim() > 1 and v.shape[1] == T else v)
            for k, v in a.items()}
-    torch.testing.assert_close(m1.encode(a), m2.encode(pad)[:, 4:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m1.encode(pack(a)), m2.encode(pack(pad))[:, 4:], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("opts", OPTIONS)
@@ -146,7 +154,7 @@ def test_training_step_reduces_loss(opts):
             "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]}
     losses = []
     for _ in range(15):
-        h = m.encode(b)[:, :-1].reshape(-1, 16)
+        h = m.encode(pack(b))[:, :-1].reshape(-1, 16)
         q = F.normalize(m.query(h, b["action"][:, 1:].reshape(-1)), dim=-1)
         tgt = F.normalize(m.item_tower({k: v[:, 1:].flatten(0, 1) for k, v in item.items()}), dim=-1)
         loss = F.cross_entropy(q @ tgt.T / 0.1, torch.arange(len(q)))
@@ -163,9 +171,9 @@ def test_id_dropout_only_in_training_and_senet_shapes():
     b = make_batch()
     m.set_id_dropout(1.0)
     m.eval()
-    e1 = m.embed_items(b, "seq_")
+    e1 = m.embed_items(pack(b), "seq_")
     m.set_id_dropout(0.0)
-    torch.testing.assert_close(e1, m.embed_items(b, "seq_"))   # eval ignores id dropout
+    torch.testing.assert_close(e1, m.embed_items(pack(b), "seq_"))   # eval ignores id dropout
     m.train()
     m.set_id_dropout(1.0)
     m.item_tower.id_emb.weight.data.normal_()
