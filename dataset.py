@@ -688,6 +688,7 @@ class SequenceBuilder:
     def __init__(self, cfg, table, user_index, strict_items=False, rank_packages=False):
         self.cfg, self.table, self.user_index = cfg, table, user_index
         self.rank_packages = rank_packages
+        self.keep_items = False          # also return every item row of the line (hard negatives)
         self.user_meta = cfg.ctr_meta.get("user") if cfg.use_userctr else None
         # training data holds re-ids only: an id past num_items there is a broken file, while at
         # inference it is a raw creative id (a cold item)
@@ -784,6 +785,8 @@ class SequenceBuilder:
             if n:
                 s["pos_row"][start:] = items[tgt]
                 s["pos_action"][start:] = acts[tgt] + 1
+            if self.keep_items:
+                s["_items"] = items
             if self.rank_packages:
                 s["pkg_row"], s["pkg_grade"] = np.zeros((T, 5), np.int64), np.zeros((T, 5), np.int64)
                 if n:

@@ -109,6 +109,12 @@ def get_args(argv=None):
     g.add_argument("--lambda_rank", type=float, default=0.5, help="weight of the rank loss")
     flag("--rank_pkg_as_neg", False, "package items also serve as per-target hard negatives in InfoNCE")
 
+    flag("--use_hard_neg", False, "per-user hard negatives from a cache refreshed during training "
+         "(USER_CACHE_PATH/hard_negative_cache.pkl, reused by the next run)")
+    g.add_argument("--hard_neg_k", type=int, default=8, help="hard negatives per user")
+    g.add_argument("--hard_neg_pool", type=int, default=20000, help="catalogue items scored for the cache")
+    g.add_argument("--hard_neg_refresh", type=int, default=100, help="optimizer steps between pool re-embeddings")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=128, help="users per micro-batch (per process)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -406,13 +412,22 @@ class Trainer(torch.nn.Module):
             sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:a.in_batch_max]
         qn, posn = F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1)
         pkg = pkg_ids = None
+        hard, hard_ids = [], []
         if "pkg_row" in batch:
             pkg = F.normalize(m.embed_items(batch, "pkg_")[batch["pkg_inv"][valid]].float(), dim=-1)   # [N, 5, d]
             pkg_ids = batch["pkg_row"][valid] * (batch["pkg_grade"][valid] > 0)
+            if a.rank_pkg_as_neg:
+                hard, hard_ids = [pkg], [pkg_ids]
+        if "hard_row" in batch:
+            B, K = batch["hard_row"].shape
+            user_of = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)[valid]     # [N]
+            hv = F.normalize(m.embed_items(batch, "hard_").float(), dim=-1).view(B, K, -1)
+            hard.append(hv[user_of])                                                          # [N, K, d]
+            hard_ids.append(batch["hard_row"][user_of])
         loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else F.normalize(negs.float(), dim=-1),
                                batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
                                self.num_items, a.in_batch_neg and not full, sub,
-                               pkg if a.rank_pkg_as_neg else None, pkg_ids if a.rank_pkg_as_neg else None)
+                               torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
         w = nce_weights(a.nce_weight_scheme, pos_act, loss, a.click_weight, a.focal_gamma, self.click_rate)
         total = (loss * w).sum() / w.sum().clamp(min=1e-9)
         if a.use_rankloss:
@@ -420,7 +435,63 @@ class Trainer(torch.nn.Module):
             grade = batch["pkg_grade"][valid] * (pkg_ids != pos_ids.unsqueeze(1))
             s_pkg = (qn.unsqueeze(1) * pkg).sum(-1)
             total = total + a.lambda_rank * rank_loss(s_pos / tau, s_pkg / tau.unsqueeze(1), grade, a.rankloss_mode)
-        return total
+        # each user's newest-position query, asking for a click: what the hard-negative cache ranks with
+        last = F.normalize(m.query(h[:, -1], torch.full_like(batch["user_id"], 2) if m.cfg.action_cond else None)
+                           .detach().float(), dim=-1)
+        return total, last
+
+
+class HardNegativeCache:
+    """Per-user items the model currently scores high that are not the user's positives.
+
+    Refreshed during training: a random pool of `pool` catalogue items is embedded with the
+    current item tower every `refresh` optimizer steps; after each step the batch's users get
+    their top-`k` pool items, excluding every item of their training sequence. Persisted (atomic
+    write, restricted unpickler on load) to USER_CACHE_PATH/hard_negative_cache.pkl and reused
+    by the next run. Training only: inference never reads it.
+    """
+
+    def __init__(self, path, k, pool, refresh):
+        self.path, self.k, self.pool, self.refresh = path, k, pool, refresh
+        self.items = {}
+        if os.path.exists(path):
+            data = D.load_pickle(path)
+            if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+                raise D.DataError(f"{path}: expected a dict user re-id -> list of item re-ids")
+            self.items = data
+        self.pool_rows = self.pool_vecs = None
+
+    def lookup(self, user_ids):
+        out = np.zeros((len(user_ids), self.k), np.int64)
+        for i, u in enumerate(user_ids.tolist()):
+            v = self.items.get(u, [])[:self.k]
+            out[i, :len(v)] = v
+        return out
+
+    @torch.no_grad()
+    def refresh_pool(self, model, table, num_items, device):
+        was = model.training
+        model.eval()
+        n = min(self.pool, num_items)
+        self.pool_rows = torch.randperm(num_items)[:n].numpy() + 1
+        vecs = [model.item_vectors({k: v.to(device) for k, v in table.gather(self.pool_rows[i:i + 4096], "p_").items()}, "p_")
+                for i in range(0, n, 4096)]
+        self.pool_vecs = torch.cat(vecs)
+        model.train(was)
+
+    @torch.no_grad()
+    def update(self, user_ids, queries, user_items):
+        """user_items: each user's every training item (the whole line, not just the window)."""
+        scores = queries @ self.pool_vecs.T                                    # [B, pool]
+        extra = max((len(s) for s in user_items), default=0)
+        top = scores.topk(min(self.k + extra, scores.shape[1]), 1).indices.cpu().numpy()
+        for u, idx, own in zip(user_ids.tolist(), top, user_items):
+            if u > 0:      # unknown users share id 0: no per-user cache
+                own = set(own.tolist())
+                self.items[u] = [int(r) for r in self.pool_rows[idx] if int(r) not in own][:self.k]
+
+    def save(self):
+        D.dump_pickle(self.items, self.path)
 
 
 def main(argv=None):
@@ -456,6 +527,7 @@ def main(argv=None):
     counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items)
     table.set_popularity(counts, head_min)
     builder.rank_packages = args.use_rankloss or args.rank_pkg_as_neg
+    builder.keep_items = args.use_hard_neg
     # add-one smoothing: no item has sampling probability 0
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
 
@@ -519,9 +591,18 @@ def main(argv=None):
             f"  valid {valid_dir or '-'}")
         logf.write(json.dumps({"event": "resume" if resume else "start", "args": vars(args), "world": world}) + "\n")
 
+    hardneg = None
+    if args.use_hard_neg:
+        hardneg = HardNegativeCache(os.path.join(paths["cache"], "hard_negative_cache.pkl"), args.hard_neg_k,
+                                    args.hard_neg_pool, args.hard_neg_refresh)
+        say(f"hard negatives: {len(hardneg.items)} users cached from a previous run" if hardneg.items else
+            "hard negatives: new cache")
     stop = StopFlag()
-    save = lambda extra=None: save_checkpoint(paths["ckpt"], raw_model, model_cfg, data_cfg, args, opt, sched,
-                                              st, extra or {}, args.keep_last_ckpts, world)
+    def save(extra=None):
+        if hardneg is not None and master:
+            hardneg.save()
+        return save_checkpoint(paths["ckpt"], raw_model, model_cfg, data_cfg, args, opt, sched, st, extra or {},
+                               args.keep_last_ckpts, world)
     last_ckpt, t0 = None, time.time()
     while st["epoch"] < args.num_epochs:
         epoch = st["epoch"]
@@ -535,9 +616,18 @@ def main(argv=None):
             raw_model.set_id_dropout(id_dropout_at(args.first_epoch_id_item_dropout, epoch, st["micro"] / batches_per_epoch))
             if args.num_neg:
                 batch.update(full_negs or D.sample_negatives(table, args.num_neg, data_cfg.num_items))
+            if hardneg is not None and hardneg.items:
+                rows = hardneg.lookup(batch["user_id"].numpy())
+                batch.update(table.gather(rows.reshape(-1), "hard_"))
+                batch["hard_row"] = torch.from_numpy(rows)
+            user_items = batch.pop("_items", None)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp:
-                loss = trainer(batch)
+                loss, last_q = trainer(batch)
+            if hardneg is not None:
+                if hardneg.pool_vecs is None or st["step"] % args.hard_neg_refresh == 0 and st["micro"] % args.gradient_accumulation_steps == 0:
+                    hardneg.refresh_pool(raw_model, table, data_cfg.num_items, device)
+                hardneg.update(batch["user_id"], last_q, user_items)
             finite = bool(torch.isfinite(loss))
             if finite:
                 (loss / args.gradient_accumulation_steps).backward()

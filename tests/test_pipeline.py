@@ -128,3 +128,22 @@ def test_killed_run_resumes_to_identical_weights(demo, sig):
     a = torch.load(d / f"ref_{sig}/global_step10/model.pt", weights_only=True)["model"]
     b = torch.load(d / f"kill_{sig}/global_step10/model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hard_negative_cache_persisted_reused_and_never_a_positive(demo):
+    sys.path.insert(0, str(ROOT))
+    import dataset as D
+    d, env = demo
+    e = dict(env, TRAIN_CKPT_PATH=str(d / "hn"), USER_CACHE_PATH=str(d / "hn_cache"))
+    shutil.copytree(d / "cache/ctr", d / "hn_cache/ctr")
+    cmd = [PY, "main.py", "--num_epochs", "1", "--use_hard_neg", "--hard_neg_k", "4", "--hard_neg_refresh", "2",
+           "--use_rankloss", "--rank_pkg_as_neg", *TINY]
+    assert "new cache" in run(cmd, e).stdout
+    cache = D.load_pickle(d / "hn_cache/hard_negative_cache.pkl")
+    assert len(cache) > 50 and all(len(v) == 4 for v in cache.values())
+    for line in open(d / "data/train/seq.jsonl"):
+        recs = json.loads(line)
+        u = recs[0][0]
+        own = {r[1] for r in recs if r[1] is not None}
+        assert not own & set(cache.get(u, []))
+    assert "cached from a previous run" in run(cmd + ["--resume", "none"], e).stdout
