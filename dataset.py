@@ -835,19 +835,31 @@ class LineReader:
 class SeqDataset(torch.utils.data.Dataset):
     """Training users, one sample per line of seq.jsonl."""
 
-    def __init__(self, seq_path, offsets, builder, train=True, seed=0):
+    def __init__(self, seq_path, offsets, builder, train=True, seed=0, skip_bad=False):
         self.lines, self.builder, self.train = LineReader(seq_path, offsets), builder, train
         # package sampling depends only on (seed, epoch, line): workers need no shared RNG state
         self.seed, self.epoch = seed, 0
+        self.skip_bad = skip_bad
 
     def __len__(self):
         return len(self.lines)
 
     def __getitem__(self, i):
-        records, where = self.lines[i]
-        user, user_feat, events = parse_user_records(records, where)
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.builder.rank_packages else None
-        return self.builder.build(user, user_feat, events, self.train, rng)
+        try:
+            records, where = self.lines[i]
+            user, user_feat, events = parse_user_records(records, where)
+            s = self.builder.build(user, user_feat, events, self.train, rng)
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            # lenient mode: the line becomes a sample without targets; the message is reported
+            s = self.builder.build(0, None, [], self.train, rng)
+            s["_skipped"] = str(e)
+            return s
+        if self.skip_bad:
+            s["_skipped"] = None
+        return s
 
 
 class PackedCollate:
@@ -906,14 +918,18 @@ def seed_worker(worker_id):
 # Loading a training folder
 # ---------------------------------------------------------------------------------------------
 
-def scan_profiles(seq_path, offsets, limit=5000):
+def scan_profiles(seq_path, offsets, limit=5000, skip_bad=False):
     """User feature dicts of up to `limit` users (enough to see every user feature id)."""
     lines = LineReader(seq_path, offsets)
     step = max(1, len(lines) // limit)
     out = []
     for i in range(0, len(lines), step):
-        records, where = lines[i]
-        out.append(parse_user_records(records, where)[1])
+        try:
+            records, where = lines[i]
+            out.append(parse_user_records(records, where)[1])
+        except DataError:
+            if not skip_bad:
+                raise
     return out
 
 
@@ -960,7 +976,7 @@ def load_item_pop(data_dir, ctr_dir, seq_path, cache_dir, num_items):
     return counts, head
 
 
-def load_train_data(data_dir, cfg, cache_dir, ctr_dir=None, limit_lines=None):
+def load_train_data(data_dir, cfg, cache_dir, ctr_dir=None, limit_lines=None, skip_bad=False):
     """Read a training folder: returns (cfg with the schema filled in, ItemTable, builder,
     seq path, offsets)."""
     seq_path = os.path.join(data_dir, "seq.jsonl")
@@ -973,7 +989,7 @@ def load_train_data(data_dir, cfg, cache_dir, ctr_dir=None, limit_lines=None):
     if not isinstance(indexer, dict) or "i" not in indexer:
         raise DataError(f"{data_dir}/indexer.pkl: expected a dict with keys 'u', 'i', 'f'")
     item_feat_dict = read_item_feat_dict(os.path.join(data_dir, "item_feat_dict.json"))
-    derive_schema(cfg, indexer, item_feat_dict, scan_profiles(seq_path, offsets))
+    derive_schema(cfg, indexer, item_feat_dict, scan_profiles(seq_path, offsets, skip_bad=skip_bad))
     item_ctr = load_ctr_for(cfg, ctr_dir, seq_path)
     table = ItemTable(cfg, indexer, item_feat_dict, os.path.join(data_dir, "creative_emb"),
                       cache_dir, item_ctr)

@@ -61,6 +61,8 @@ def get_args(argv=None):
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     flag("--pin_memory", False, "pin host memory for faster host-to-GPU copies")
     g.add_argument("--limit_users", type=int, default=None, help="train on the first N lines only (smoke tests)")
+    flag("--skip_bad_records", False, "skip malformed user lines instead of stopping; each skipped location is "
+         "written to TRAIN_LOG_PATH/skipped_records.txt and counted in a summary")
 
     g = p.add_argument_group("model")
     g.add_argument("--encoder_type", choices=["hstu", "transformer"], default="hstu", help="encoder blocks")
@@ -523,7 +525,7 @@ def main(argv=None):
         say("notice: this dataset has no real timestamps; time features switched off")
         data_cfg.use_timefeat = False
     data_cfg, table, builder, seq_path, offsets = D.load_train_data(
-        paths["data"], data_cfg, paths["cache"], ctr_dir, args.limit_users)
+        paths["data"], data_cfg, paths["cache"], ctr_dir, args.limit_users, args.skip_bad_records)
     counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items)
     table.set_popularity(counts, head_min)
     builder.rank_packages = args.use_rankloss or args.rank_pkg_as_neg
@@ -544,7 +546,8 @@ def main(argv=None):
         trainer = torch.nn.parallel.DistributedDataParallel(
             trainer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=args.seed)
+    ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=args.seed, skip_bad=args.skip_bad_records)
+    skipped = set()
     sampler = EpochSampler(len(ds), world, rank, args.seed)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -621,6 +624,12 @@ def main(argv=None):
                 batch.update(table.gather(rows.reshape(-1), "hard_"))
                 batch["hard_row"] = torch.from_numpy(rows)
             user_items = batch.pop("_items", None)
+            for msg in batch.pop("_skipped", []):
+                if msg and msg not in skipped:
+                    skipped.add(msg)
+                    if master:
+                        with open(os.path.join(paths["log"], "skipped_records.txt"), "a") as f:
+                            f.write(msg + "\n")
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with amp:
                 loss, last_q = trainer(batch)
@@ -690,6 +699,8 @@ def main(argv=None):
         if args.patience and st["bad_epochs"] >= args.patience:
             say(f"early stop: no validation gain for {st['bad_epochs']} epochs")
             break
+    if skipped:
+        say(f"skipped {len(skipped)} bad line(s); locations in {os.path.join(paths['log'], 'skipped_records.txt')}")
     if master:
         writer.close()
         logf.write(json.dumps({"event": "end", "step": st["step"], "elapsed_s": round(time.time() - t0, 1)}) + "\n")

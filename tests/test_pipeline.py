@@ -147,3 +147,22 @@ def test_hard_negative_cache_persisted_reused_and_never_a_positive(demo):
         own = {r[1] for r in recs if r[1] is not None}
         assert not own & set(cache.get(u, []))
     assert "cached from a previous run" in run(cmd + ["--resume", "none"], e).stdout
+
+
+def test_skip_bad_records_counts_and_logs_skipped_lines(demo):
+    import pickle
+    d, env = demo
+    bad = d / "bad_train"
+    shutil.copytree(d / "data/train", bad)
+    lines = (bad / "seq.jsonl").read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"not": "an array"}\n'
+    (bad / "seq.jsonl").write_bytes(b"".join(lines))
+    offsets = [sum(len(l) for l in lines[:i]) for i in range(len(lines))]
+    (bad / "seq_offsets.pkl").write_bytes(pickle.dumps(offsets))
+    e = dict(env, TRAIN_DATA_PATH=str(bad), TRAIN_CKPT_PATH=str(d / "skip_ck"), TRAIN_LOG_PATH=str(d / "skip_log"))
+    strict = run([PY, "main.py", "--num_epochs", "1", *TINY], e, check=False)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr and f"seq.jsonl:3" in strict.stderr
+    out = run([PY, "main.py", "--num_epochs", "2", "--skip_bad_records", *TINY], e)
+    assert "skipped 1 bad line(s)" in out.stdout
+    logged = (d / "skip_log/skipped_records.txt").read_text().splitlines()
+    assert len(logged) == 1 and "seq.jsonl:3" in logged[0]

@@ -1,0 +1,104 @@
+"""Public benchmark: convert a dataset, train with validation-based selection, score the test split.
+
+    python bench/public.py --format s3rec --input ../shared/data/s3rec-Beauty --out runs/beauty [--seeds 2]
+    python bench/public.py --format movielens --input ../shared/data/ml-100k --out runs/ml100k -- --encoder_type transformer
+
+Protocol (BENCHMARKS_PROTOCOL.md): leave-one-out split (convert_public.py), full ranking over every
+item with the user's input history masked, ties counted against the target; the checkpoint is
+chosen on validation NDCG@10 (main.py keeps best.json, stops early with --patience), never on
+test. Arguments after `--` go to main.py and override the recommended configuration.
+Writes DIR/result_test.json (harness format, top-10) per seed and prints a table plus one last
+JSON line with the mean test metrics.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Recommended configurations, chosen on validation (see BENCHMARKS.md): small catalogues make the
+# full softmax affordable and it is the strongest objective there.
+RECOMMENDED = {
+    "s3rec": ["--maxlen", "50", "--hidden_units", "64", "--num_blocks", "2", "--num_heads", "2", "--dqk", "32",
+              "--dv", "32", "--dropout_rate", "0.3", "--num_neg", "-1", "--temperature", "0.05", "--lr", "1e-3",
+              "--batch_size", "128", "--num_epochs", "40", "--patience", "4", "--warmup_steps", "200",
+              "--use_timefeat", "0", "--feat_dim", "32"],
+    "movielens": ["--maxlen", "200", "--hidden_units", "64", "--num_blocks", "2", "--num_heads", "2", "--dqk", "32",
+                  "--dv", "32", "--dropout_rate", "0.2", "--num_neg", "-1", "--temperature", "0.05", "--lr", "1e-3",
+                  "--batch_size", "64", "--num_epochs", "60", "--patience", "6", "--warmup_steps", "100",
+                  "--feat_dim", "32"],
+}
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", choices=["movielens", "s3rec"], required=True, help="input family")
+    p.add_argument("--input", required=True, help="dataset folder (or S3Rec .txt file)")
+    p.add_argument("--out", required=True, help="output folder (converted data, runs, results)")
+    p.add_argument("--seeds", type=int, default=1, help="train and score this many seeds (0, 1, ...)")
+    p.add_argument("--name", default="hstu", help="label of this configuration in the output")
+    p.add_argument("--no_mask_history", action="store_true", help="do not mask the input history when ranking")
+    p.add_argument("main_args", nargs="*", help="extra main.py flags (after --)")
+    return p.parse_args()
+
+
+def test_metrics(ckpt_root, data, out_json, mask_history):
+    """Score the test split with the validation-selected checkpoint; write result_test.json."""
+    import numpy as np
+    import torch
+
+    import dataset as D
+    import infer
+    import retrieval_torch as R
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, data_cfg, path = infer.load_model(ckpt_root, device)
+    table, builder, indexer = infer.prepare_tables(data_cfg, os.path.join(data, "test"), os.path.join(data, "train"),
+                                                   os.path.join(os.path.dirname(ckpt_root), "cache"))
+    m = infer.evaluate_folder(model, data_cfg, table, os.path.join(data, "test"), os.path.join(data, "train"), device,
+                              mask_history=mask_history)
+    args = argparse.Namespace(batch_size=256, cand_batch_size=4096, num_workers=0)
+    users, q, hist, cids, _, c, rows = infer.export(model, table, builder, indexer, os.path.join(data, "test"), device, args)
+    exclude = infer.history_exclude(hist, rows) if mask_history else None
+    _, idx = R.search(q, c, 10, exclude=exclude)
+    D.dump_json({"time": 0, "top10s": cids[np.asarray(idx)].tolist(), "user": users}, out_json)
+    return m, path
+
+
+def main():
+    a = get_args()
+    data = os.path.join(a.out, "data")
+    if not os.path.exists(os.path.join(data, "test", "ground_truth.jsonl")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "convert_public.py"), "--format", a.format,
+                        "--input", a.input, "--out", data], check=True)
+    rows = []
+    for seed in range(a.seeds):
+        run = os.path.join(a.out, f"{a.name}_seed{seed}")
+        env = dict(os.environ, TRAIN_DATA_PATH=os.path.join(data, "train"), TRAIN_LOG_PATH=os.path.join(run, "logs"),
+                   TRAIN_TF_EVENTS_PATH=os.path.join(run, "tb"), TRAIN_CKPT_PATH=os.path.join(run, "ckpt"),
+                   USER_CACHE_PATH=os.path.join(run, "cache"))
+        cmd = [sys.executable, "-u", os.path.join(ROOT, "main.py"), *RECOMMENDED[a.format], "--seed", str(seed),
+               "--valid_dir", os.path.join(data, "valid"), *a.main_args]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        m, path = test_metrics(os.path.join(run, "ckpt"), data, os.path.join(run, "result_test.json"),
+                               not a.no_mask_history)
+        m["checkpoint"] = os.path.relpath(path, a.out)
+        rows.append(m)
+        print(f"seed {seed}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), flush=True)
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    summary = {"dataset": a.format, "input": a.input, "config": a.name, "seeds": a.seeds}
+    print(f"\n{'metric':<10} {'mean':>8} {'std':>8}")
+    for k in keys:
+        vals = [r[k] for r in rows]
+        mean, std = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+        summary[k], summary[k + "_std"] = round(mean, 5), round(std, 5)
+        print(f"{k:<10} {mean:>8.4f} {std:>8.4f}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
