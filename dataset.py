@@ -23,6 +23,14 @@ from precompute_ctr import ctr_value, load_ctr
 class DataError(Exception):
     """Bad or missing input. Scripts print str(err) as one line and exit non-zero."""
 
+    def __str__(self):
+        # A DataLoader worker re-raises as "Caught DataError in DataLoader worker ...\nOriginal
+        # Traceback ...\ndataset.DataError: <msg>": keep only the original one-line message.
+        msg = super().__str__()
+        if msg.startswith("Caught DataError") and "DataError: " in msg:
+            msg = msg.rsplit("DataError: ", 1)[1].strip()
+        return msg
+
 
 # ---------------------------------------------------------------------------------------------
 # Safe file I/O
@@ -832,6 +840,16 @@ class LineReader:
             raise _json_error(where, e, "a JSON array of records") from None
 
 
+def with_location(where, fn, *args):
+    """Call fn; a DataError it raises without a location gets `where` (file:line) in front."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        if str(e).startswith(where.rsplit(":", 1)[0]):
+            raise
+        raise DataError(f"{where}: {e}") from None
+
+
 class SeqDataset(torch.utils.data.Dataset):
     """Training users, one sample per line of seq.jsonl."""
 
@@ -849,7 +867,7 @@ class SeqDataset(torch.utils.data.Dataset):
         try:
             records, where = self.lines[i]
             user, user_feat, events = parse_user_records(records, where)
-            s = self.builder.build(user, user_feat, events, self.train, rng)
+            s = with_location(where, self.builder.build, user, user_feat, events, self.train, rng)
         except DataError as e:
             if not self.skip_bad:
                 raise

@@ -19,10 +19,10 @@ def eval_offsets(eval_dir, seq_name="predict_seq"):
     """Offsets of predict_seq.jsonl: the pickle when present, else computed by one pass."""
     seq = os.path.join(eval_dir, f"{seq_name}.jsonl")
     pkl = os.path.join(eval_dir, f"{seq_name}_offsets.pkl")
-    if os.path.exists(pkl):
-        return seq, D.read_offsets(pkl)
-    if not os.path.exists(seq):
+    if not os.path.isfile(seq):
         raise D.DataError(f"{seq}: file not found (looked for the predict sequences in {eval_dir})")
+    if os.path.exists(pkl):
+        return seq, D.read_offsets(pkl, seq)
     offsets, pos = [], 0
     with open(seq, "rb") as f:
         for line in f:
@@ -47,7 +47,7 @@ class PredictSeqDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         records, where = self.lines[i]
         user, user_feat, events = D.parse_user_records(records, where)
-        s = self.builder.build(user, user_feat, events, train=False)
+        s = D.with_location(where, self.builder.build, user, user_feat, events, False)
         s["_user"] = user if isinstance(user, str) else self.raw_user_of.get(user, str(user))
         s["_history"] = self.builder.item_rows([e[0] for e in events])
         return s
@@ -56,19 +56,28 @@ class PredictSeqDataset(torch.utils.data.Dataset):
 def read_candidates(eval_dir):
     """predict_set.jsonl -> (creative ids int64, retrieval ids int64, feature dicts)."""
     path = os.path.join(eval_dir, "predict_set.jsonl")
-    cids, rids, feats = [], [], []
+    if not os.path.isfile(path):
+        raise D.DataError(f"{path}: file not found (looked for the candidate pool in {eval_dir})")
+    cids, rids, feats, line_of = [], [], [], {}
     for lineno, obj in D.iter_jsonl(path):
+        where = f"{path}:{lineno}"
         if not isinstance(obj, dict) or "creative_id" not in obj:
-            raise D.DataError(f"{path}:{lineno}: expected an object with creative_id, retrieval_id, features")
+            raise D.DataError(f"{where}: expected an object with creative_id, retrieval_id, features")
         cid, rid = obj["creative_id"], obj.get("retrieval_id", len(rids))
-        if type(cid) is not int or type(rid) is not int or cid < 0 or rid < 0:
-            raise D.DataError(f"{path}:{lineno}: creative_id and retrieval_id must be non-negative ints")
-        f = obj.get("features") or {}
+        for name, v in (("creative_id", cid), ("retrieval_id", rid)):
+            if type(v) is not int or v < 0:
+                raise D.DataError(f"{where}: {name} is {D.show_json(v)}, expected a non-negative int")
+        if rid in line_of:      # id.u64bin and retrive_id2creative_id.json need one row per id
+            raise D.DataError(f"{where}: retrieval_id {rid} already used on line {line_of[rid]}, "
+                              f"expected unique retrieval ids")
+        line_of[rid] = lineno
+        f = obj.get("features")
+        D.check_feats(f, where, "features")
         cids.append(cid)
         rids.append(rid)
-        feats.append({str(k): v for k, v in f.items()} if isinstance(f, dict) else {})
+        feats.append(f or {})
     if not cids:
-        raise D.DataError(f"{path}: no candidates")
+        raise D.DataError(f"{path}: no candidates (the file has no JSON lines)")
     return np.array(cids, np.int64), np.array(rids, np.int64), feats
 
 

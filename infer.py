@@ -72,7 +72,8 @@ def load_model(ckpt, device):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise D.DataError(f"{path}: weights do not match the model config ({str(e).splitlines()[0][:160]})") from None
+        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+        raise D.DataError(f"{path}: weights do not match the model config ({detail[:160]})") from None
     force = os.environ.get("FORCE_USE_TIMEFEAT")
     if force is not None and bool(int(force)) != data_cfg.use_timefeat:
         if bool(int(force)) and not model_cfg.use_timefeat:
@@ -92,8 +93,8 @@ def prepare_tables(data_cfg, eval_dir, train_dir, cache_dir):
     """Item table and sequence builder for inference, from the checkpoint's schema."""
     art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
     indexer = D.load_pickle(os.path.join(art, "indexer.pkl"))
-    item_feat_dict = D.read_json(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
-                                              "item_feat_dict.json"))
+    item_feat_dict = D.read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
+                                                        "item_feat_dict.json"))
     ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))
     item_ctr = D.load_ctr_for(D.DataConfig(**{**D.asdict(data_cfg), "ctr_meta": {}}), ctr_dir, "seq.jsonl") \
         if data_cfg.use_itemctr else None
