@@ -72,7 +72,8 @@ def get_args(argv=None):
     g.add_argument("--num_heads", type=int, default=2, help="attention heads")
     g.add_argument("--dqk", type=int, default=32, help="HSTU per-head query/key width")
     g.add_argument("--dv", type=int, default=32, help="HSTU per-head value width")
-    g.add_argument("--dropout_rate", type=float, default=0.2, help="dropout on embeddings, attention and outputs")
+    g.add_argument("--dropout_rate", type=float, default=0.2, help="dropout on embeddings and block outputs")
+    g.add_argument("--attn_dropout", type=float, default=0.0, help="dropout on attention weights")
     flag("--norm_first", True, "pre-norm blocks")
     g.add_argument("--norm_type", choices=["rmsnorm", "layernorm"], default="rmsnorm", help="normalisation layer")
     g.add_argument("--hstu_attn", choices=["softmax", "silu"], default="softmax",
@@ -402,17 +403,21 @@ class Trainer(torch.nn.Module):
         valid = (batch["pos_row"] > 0) & (batch["token_type"] != D.PAD)    # [B, T]
         pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
         q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
-        pos = m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
-                            and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
         negs = m.embed_items(batch, "neg_") if a.num_neg else None
         full = a.num_neg < 0             # full softmax: nothing is sampled, so no in-batch / logQ
+        # full softmax without per-target inputs (leave-one-out CTR, extra negatives) is plain
+        # cross-entropy over the catalogue's vectors: no separate target tower, no masks
+        fast = full and not m.cfg.use_itemctr and not a.rank_pkg_as_neg and "hard_row" not in batch
+        pos = None if fast else m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
+                                              and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
         tau = torch.full(pos_ids.shape, a.temperature, device=q.device)
         if a.two_tau:
             tau = torch.where(pos_act >= 2, a.tau_click, a.tau_expo).float()
         sub = None
         if len(pos_ids) > a.in_batch_max:
             sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:a.in_batch_max]
-        qn, posn = F.normalize(q.float(), dim=-1), F.normalize(pos.float(), dim=-1)
+        qn = F.normalize(q.float(), dim=-1)
+        posn = None if fast else F.normalize(pos.float(), dim=-1)
         pkg = pkg_ids = None
         hard, hard_ids = [], []
         if "pkg_row" in batch:
@@ -426,10 +431,15 @@ class Trainer(torch.nn.Module):
             hv = F.normalize(m.embed_items(batch, "hard_").float(), dim=-1).view(B, K, -1)
             hard.append(hv[user_of])                                                          # [N, K, d]
             hard_ids.append(batch["hard_row"][user_of])
-        loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else F.normalize(negs.float(), dim=-1),
-                               batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
-                               self.num_items, a.in_batch_neg and not full, sub,
-                               torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
+        if fast:
+            logits = qn @ F.normalize(negs.float(), dim=-1).T / tau.unsqueeze(1)        # [N, num_items]
+            loss = F.cross_entropy(logits, pos_ids - 1, reduction="none")
+            s_pos = logits.gather(1, (pos_ids - 1).unsqueeze(1)).squeeze(1) * tau
+        else:
+            loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else F.normalize(negs.float(), dim=-1),
+                                   batch.get("neg_row"), tau, self.log_pop if a.logq and not full else None,
+                                   self.num_items, a.in_batch_neg and not full, sub,
+                                   torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
         w = nce_weights(a.nce_weight_scheme, pos_act, loss, a.click_weight, a.focal_gamma, self.click_rate)
         total = (loss * w).sum() / w.sum().clamp(min=1e-9)
         if a.use_rankloss:
@@ -534,7 +544,7 @@ def main(argv=None):
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
 
     model_cfg = ModelConfig(**{k: getattr(args, k) for k in (
-        "encoder_type", "hidden_units", "num_blocks", "num_heads", "dqk", "dv", "dropout_rate", "norm_first",
+        "encoder_type", "hidden_units", "num_blocks", "num_heads", "dqk", "dv", "dropout_rate", "attn_dropout", "norm_first",
         "norm_type", "hstu_attn", "use_rope", "use_rel_bias", "rel_pos_buckets", "rel_time_buckets",
         "use_abs_pos", "use_senet", "action_cond", "grad_checkpoint", "feat_dim", "maxlen")},
         **{k: getattr(data_cfg, k) for k in ("num_users", "num_items", "user_sparse", "user_array", "item_sparse",

@@ -35,6 +35,7 @@ class ModelConfig:
     dqk: int = 32                     # per-head query/key width (HSTU)
     dv: int = 32                      # per-head value width (HSTU)
     dropout_rate: float = 0.2
+    attn_dropout: float = 0.0         # on attention weights; non-zero forces SDPA's slow math path on CPU
     norm_first: bool = True
     norm_type: str = "rmsnorm"        # rmsnorm | layernorm
     hstu_attn: str = "softmax"        # softmax | silu
@@ -194,7 +195,7 @@ class HSTUBlock(nn.Module):
             q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
         bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
         a = attention(q, k, v, ctx["allowed"], bias, self.cfg.hstu_attn,
-                      self.cfg.dropout_rate if self.training else 0.0)
+                      self.cfg.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(B, T, self.h * self.dv)  # [B, T, H*dv]
         x = x + self.drop(self.out(self.attn_norm(a) * u))
         return x if self.cfg.norm_first else self.norm(x)
@@ -220,7 +221,7 @@ class TransformerBlock(nn.Module):
         if ctx.get("rope") is not None:
             q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
         bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
-        a = attention(q, k, v, ctx["allowed"], bias, "softmax", self.cfg.dropout_rate if self.training else 0.0)
+        a = attention(q, k, v, ctx["allowed"], bias, "softmax", self.cfg.attn_dropout if self.training else 0.0)
         x = x + self.drop(self.o(a.transpose(1, 2).reshape(B, T, d)))
         if not self.cfg.norm_first:
             x = self.norm1(x)

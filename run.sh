@@ -9,11 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
+# The seed's recommended model at full size; demo data gets a CPU-sized budget instead.
+SIZE_ARGS="--dqk=32 --dv=64 --num_blocks=10 --num_heads=8 --dropout_rate=0.2 --batch_size=64 --lr=0.002
+  --warmup_steps=2666 --gradient_accumulation_steps=4 --clip_norm=1.0 --temperature=0.03 --num_epochs=8 --pin_memory"
 if [ -z "${TRAIN_DATA_PATH:-}" ]; then
   DEMO=${DEMO_DIR:-data/demo}
   $PY make_demo_data.py --out "$DEMO"
   export TRAIN_DATA_PATH=$DEMO/train
   export EVAL_DATA_PATH=${EVAL_DATA_PATH:-$DEMO/eval}
+  SIZE_ARGS="--maxlen 64 --lr 2e-3 --num_epochs 6"
 fi
 RUN=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
 export TRAIN_LOG_PATH=${TRAIN_LOG_PATH:-$RUN/logs}
@@ -28,10 +32,10 @@ if [ ! -f "$USER_CACHE_PATH/ctr/ctr_meta.json" ]; then
       --prior auto --k_clip 10,10000
 fi
 
-# The seed's recommended feature set, sized for a 2-core CPU (see README for the full-size flags).
+# shellcheck disable=SC2086
 $PY -u main.py --use_ctr --use_userctr --use_itemctr --ctr_dir "${USER_CACHE_PATH}/ctr" \
     --use_timefeat --use_rel_bias=1 --norm_first --norm_type=rmsnorm --encoder_type=hstu \
-    --action_cond "$@"
+    --action_cond $SIZE_ARGS "$@"
 
 if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
   $PY -u infer.py
