@@ -1,0 +1,267 @@
+"""Offline metrics for the TencentGR task and full-ranking benchmarks, plus reference baselines.
+
+HR@K = 1[target in the top K], NDCG@K = 1/log2(rank + 1) for the target's 1-based rank within
+the top K (else 0), both averaged over every user in the ground truth (a user missing from the
+result counts as a miss). Score = 0.31 * HR@10 + 0.69 * NDCG@10 (../shared/docs/DATA_FORMAT.md).
+
+    python evaluate.py --result result.json --ground_truth ground_truth.jsonl \
+        [--k 10] [--train_dir DIR --eval_dir DIR]
+
+prints a table (the model, and the most-popular / random baselines when the data folders are
+given) and, as its last line, the model's metrics as JSON.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from dataset import DataError, load_pickle
+
+W_HR, W_NDCG = 0.31, 0.69
+
+
+def _cid(x):
+    """Creative ids compare as ints; JSON may carry them as numbers or digit strings."""
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, str) and x.strip().lstrip("-").isdigit():
+        return int(x)
+    return str(x)
+
+
+def hr_ndcg(top_lists, user_list, gt, k=10):
+    """{"HR@k", "NDCG@k", "Score", "users"} of per-user top lists against gt (user -> target).
+
+    Averaged over all users of gt; a user absent from user_list scores 0; a repeated item in a
+    top list is not counted twice (the target's rank is its first position); a repeated user
+    keeps its first list. Score = 0.31 * HR@k + 0.69 * NDCG@k (the TAAC score at k = 10).
+    """
+    if len(top_lists) != len(user_list):
+        raise DataError(f"result: {len(top_lists)} top lists for {len(user_list)} users")
+    first = {}
+    for u, top in zip(user_list, top_lists):
+        first.setdefault(str(u), top)
+    hr = ndcg = 0.0
+    for u, target in gt.items():
+        top = [_cid(x) for x in list(first.get(str(u), ()))[:k]]
+        t = _cid(target)
+        if t in top:
+            hr += 1.0
+            ndcg += 1.0 / math.log2(top.index(t) + 2)
+    n = max(len(gt), 1)
+    hr, ndcg = hr / n, ndcg / n
+    return {f"HR@{k}": hr, f"NDCG@{k}": ndcg, "Score": W_HR * hr + W_NDCG * ndcg,
+            "users": len(gt)}
+
+
+def _at(r, k):
+    """(HR@k, NDCG@k) of an array of 1-based ranks."""
+    if r.size == 0:
+        return 0.0, 0.0
+    inside = r <= k
+    return float(inside.mean()), float((inside / np.log2(np.where(inside, r, 1.0) + 1.0)).mean())
+
+
+def metrics_from_ranks(ranks, ks=(10, 50, 200)):
+    """HR@k and NDCG@k (1/log2(rank + 1) if rank <= k) for each k, and Score (at k = 10), from
+    1-based target ranks (e.g. retrieval_torch.target_ranks); inf or a huge rank is a miss."""
+    r = np.asarray(ranks, dtype=np.float64).ravel()
+    if r.size and (np.isnan(r).any() or r.min() < 1):
+        raise DataError("ranks must be 1-based (>= 1), got a value below 1 or NaN")
+    out = {}
+    for k in ks:
+        out[f"HR@{k}"], out[f"NDCG@{k}"] = _at(r, k)
+    hr, ndcg = _at(r, 10)
+    out["Score"] = W_HR * hr + W_NDCG * ndcg
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _jsonl(path):
+    """Yield (line number, parsed value) for each non-blank line; one-line DataError on bad JSON."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, "r", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def read_ground_truth(path):
+    """jsonl {"user_id": ..., "creative_id": ...} -> {raw user id str: creative id}."""
+    gt = {}
+    for n, rec in _jsonl(path):
+        if not isinstance(rec, dict) or "user_id" not in rec or "creative_id" not in rec:
+            raise DataError(f"{path}:{n}: expected an object with user_id and creative_id")
+        u = str(rec["user_id"])
+        if u in gt:
+            raise DataError(f"{path}:{n}: user {u} appears twice; one target per user")
+        gt[u] = _cid(rec["creative_id"])
+    return gt
+
+
+def read_result(path):
+    """result.json {"time": s, "top10s": [[...]], "user": [...]} -> (top10s, users, time)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            res = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(res, dict) or "top10s" not in res or "user" not in res:
+        raise DataError(f"{path}: expected an object with keys top10s and user")
+    tops, users = res["top10s"], res["user"]
+    if not isinstance(tops, list) or not isinstance(users, list):
+        raise DataError(f"{path}: top10s and user must be lists")
+    if len(tops) != len(users):
+        raise DataError(f"{path}: {len(tops)} top lists but {len(users)} users")
+    for i, t in enumerate(tops):
+        if not isinstance(t, list):
+            raise DataError(f"{path}: top10s[{i}] is {type(t).__name__}, expected a list")
+    return tops, [str(u) for u in users], res.get("time")
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def _indexer(train_dir, eval_dir):
+    for d in (train_dir, eval_dir):
+        p = os.path.join(d, "indexer.pkl")
+        if os.path.isfile(p):
+            ix = load_pickle(p)
+            if not isinstance(ix, dict) or "i" not in ix or "u" not in ix:
+                raise DataError(f"{p}: expected a dict with keys 'i' and 'u'")
+            return ix
+    raise DataError(f"{os.path.join(train_dir, 'indexer.pkl')}: file not found")
+
+
+def predict_pool(eval_dir):
+    """Candidate creative ids of eval_dir/predict_set.jsonl, in file order."""
+    path = os.path.join(eval_dir, "predict_set.jsonl")
+    pool = []
+    for n, rec in _jsonl(path):
+        if not isinstance(rec, dict) or "creative_id" not in rec:
+            raise DataError(f"{path}:{n}: expected an object with creative_id")
+        pool.append(_cid(rec["creative_id"]))
+    return pool
+
+
+def predict_users(eval_dir, indexer):
+    """Raw user id strings of eval_dir/predict_seq.jsonl, in file order (re-ids mapped back)."""
+    path = os.path.join(eval_dir, "predict_seq.jsonl")
+    reid2user = {v: str(u) for u, v in indexer["u"].items()}
+    users = []
+    for n, seq in _jsonl(path):
+        if not isinstance(seq, list) or not seq or not isinstance(seq[0], list) or not seq[0]:
+            raise DataError(f"{path}:{n}: expected a non-empty array of records [user_id, ...]")
+        u = seq[0][0]
+        if isinstance(u, bool) or not isinstance(u, (int, str)):
+            raise DataError(f"{path}:{n}: user id {u!r} is neither a re-id int nor a raw string")
+        users.append(u if isinstance(u, str) else reid2user.get(u, str(u)))
+    return users
+
+
+def item_popularity(train_dir, indexer):
+    """{creative id: (clicks, events)} over the item records of train_dir/seq.jsonl (streamed).
+    A click is action 1 (or a deeper action 2); a null action is an exposure."""
+    path = os.path.join(train_dir, "seq.jsonl")
+    reid2cid = {v: _cid(c) for c, v in indexer["i"].items()}
+    clicks, events = {}, {}
+    for n, seq in _jsonl(path):
+        if not isinstance(seq, list):
+            raise DataError(f"{path}:{n}: expected a JSON array of records")
+        for rec in seq:
+            if not isinstance(rec, list) or len(rec) < 5:
+                raise DataError(f"{path}:{n}: expected 6-element records, got {rec!r:.60}")
+            item = rec[1]
+            if item is None or isinstance(item, bool) or not isinstance(item, int):
+                continue
+            events[item] = events.get(item, 0) + 1
+            if rec[4] in (1, 2):
+                clicks[item] = clicks.get(item, 0) + 1
+    return {reid2cid[i]: (clicks.get(i, 0), e) for i, e in events.items() if i in reid2cid}
+
+
+def most_popular_topk(train_dir, eval_dir, k=10):
+    """(top_lists, user_list): the k pool items with the most clicks (events break ties, then
+    the lower creative id), the same list for every user of predict_seq.jsonl, in its order."""
+    ix = _indexer(train_dir, eval_dir)
+    pop = item_popularity(train_dir, ix)
+    pool = list(dict.fromkeys(predict_pool(eval_dir)))
+    key = lambda c: (-pop.get(c, (0, 0))[0], -pop.get(c, (0, 0))[1], str(c))  # noqa: E731
+    top = sorted(pool, key=key)[:k]
+    users = predict_users(eval_dir, ix)
+    return [list(top) for _ in users], users
+
+
+def random_expectation(gt, pool, k=10):
+    """Expected HR@k / NDCG@k / Score of k distinct items drawn uniformly from the pool for each
+    user (no RNG): a target in the pool lands at each of the k ranks with probability 1/|pool|."""
+    pool = set(_cid(c) for c in pool)
+    n = max(len(pool), 1)
+    covered = sum(_cid(t) in pool for t in gt.values()) / max(len(gt), 1)
+    hr = covered * min(k, n) / n
+    ndcg = covered * sum(1.0 / math.log2(r + 1) for r in range(1, min(k, n) + 1)) / n
+    return {f"HR@{k}": hr, f"NDCG@{k}": ndcg, "Score": W_HR * hr + W_NDCG * ndcg,
+            "users": len(gt)}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--result", required=True, help="result.json with top10s and user lists")
+    ap.add_argument("--ground_truth", required=True,
+                    help="jsonl of {user_id, creative_id}: one target per user")
+    ap.add_argument("--k", type=int, default=10, help="cut-off K of HR@K / NDCG@K")
+    ap.add_argument("--train_dir", help="training folder (seq.jsonl, indexer.pkl): adds the "
+                                        "most-popular baseline")
+    ap.add_argument("--eval_dir", help="evaluation folder (predict_seq.jsonl, predict_set.jsonl)")
+    args = ap.parse_args(argv)
+    try:
+        if args.k < 1:
+            raise DataError(f"--k must be >= 1, got {args.k}")
+        if bool(args.train_dir) != bool(args.eval_dir):
+            raise DataError("--train_dir and --eval_dir go together")
+        gt = read_ground_truth(args.ground_truth)
+        tops, users, _ = read_result(args.result)
+        rows = [("model", hr_ndcg(tops, users, gt, args.k))]
+        if args.train_dir:
+            p_tops, p_users = most_popular_topk(args.train_dir, args.eval_dir, args.k)
+            rows.append(("most-popular", hr_ndcg(p_tops, p_users, gt, args.k)))
+            rows.append(("random (expected)",
+                         random_expectation(gt, predict_pool(args.eval_dir), args.k)))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    hk, nk = f"HR@{args.k}", f"NDCG@{args.k}"
+    print(f"{'':18s} {hk:>9s} {nk:>9s} {'Score':>9s} {'users':>8s}")
+    for name, m in rows:
+        print(f"{name:18s} {m[hk]:9.4f} {m[nk]:9.4f} {m['Score']:9.4f} {m['users']:8d}")
+    print(json.dumps({k: rows[0][1][k] for k in (hk, nk, "Score", "users")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
