@@ -1011,7 +1011,8 @@ def load_train_data(data_dir, cfg, cache_dir, ctr_dir=None, limit_lines=None, sk
     item_ctr = load_ctr_for(cfg, ctr_dir, seq_path)
     table = ItemTable(cfg, indexer, item_feat_dict, os.path.join(data_dir, "creative_emb"),
                       cache_dir, item_ctr)
-    builder = SequenceBuilder(cfg, table, indexer.get("u", {}), strict_items=True)
+    # training records hold user re-ids: no raw-id index needed (it grows with the users)
+    builder = SequenceBuilder(cfg, table, {}, strict_items=True)
     return cfg, table, builder, seq_path, offsets
 
 

@@ -165,8 +165,9 @@ class RelativeBias(nn.Module):
         nn.init.zeros_(self.pos.weight)
         nn.init.zeros_(self.time.weight)
 
-    def forward(self, pos_b, time_b):              # [B, T, T] each -> [B, H, T, T]
-        return (self.pos(pos_b) + self.time(time_b)).permute(0, 3, 1, 2)
+    def forward(self, pos_b, time_b):              # [T, T] and [B, T, T] -> [B, H, T, T]
+        # the position term depends on (query, key) only: look it up once, not per example
+        return self.pos(pos_b).permute(2, 0, 1).unsqueeze(0) + self.time(time_b).permute(0, 3, 1, 2)
 
 
 class HSTUBlock(nn.Module):
@@ -320,7 +321,7 @@ class GenerativeRecommender(nn.Module):
         ctx = {"allowed": allowed.unsqueeze(1)}                         # [B, 1, T, T]
         if cfg.use_rel_bias:
             ts = batch["ts"]
-            ctx["pos_b"] = rel_pos_bucket(idx.view(T, 1) - idx.view(1, T), cfg.rel_pos_buckets).expand(B, T, T)
+            ctx["pos_b"] = rel_pos_bucket(idx.view(T, 1) - idx.view(1, T), cfg.rel_pos_buckets)     # [T, T]
             ctx["time_b"] = rel_time_bucket(ts.unsqueeze(2) - ts.unsqueeze(1), cfg.rel_time_buckets)
         if cfg.use_rope:
             ang = batch["pos_idx"].float().unsqueeze(-1) * self.rope_freq  # [B, T, dh/2]
