@@ -105,9 +105,10 @@ def prepare_tables(data_cfg, eval_dir, train_dir, cache_dir):
 
 
 @torch.no_grad()
-def export(model, table, builder, indexer, eval_dir, device, args):
+def export(model, table, builder, indexer, eval_dir, device, args, verbose=False):
     """-> users (raw ids), queries [U, d], per-user history candidate rows, candidate creative
     ids, retrieval ids, candidate vectors [N, d]."""
+    t0 = time.time()
     cids, rids, feats = P.read_candidates(eval_dir)
     rows = table.extend(cids.tolist(), feats)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -115,6 +116,7 @@ def export(model, table, builder, indexer, eval_dir, device, args):
     for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, args.cand_batch_size), batch_size=None):
         with amp:
             cand.append(model.item_vectors({k: v.to(device) for k, v in b.items()}).cpu())
+    t1 = time.time()
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -125,6 +127,10 @@ def export(model, table, builder, indexer, eval_dir, device, args):
         hist += b.pop("_history")
         with amp:
             queries.append(model.user_vectors({k: v.to(device) for k, v in b.items()}).cpu())
+    if verbose:
+        t2 = time.time()
+        print(f"candidates: {len(cids)} in {t1 - t0:.1f}s ({len(cids) / max(t1 - t0, 1e-9):.0f}/s); "
+              f"users: {len(users)} in {t2 - t1:.1f}s ({len(users) / max(t2 - t1, 1e-9):.0f}/s)", flush=True)
     return users, torch.cat(queries).numpy(), hist, cids, rids, torch.cat(cand).numpy(), rows
 
 
@@ -138,7 +144,7 @@ def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, data_cfg, path = load_model(ckpt, device)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
-    users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args)
+    users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args, verbose=True)
     os.makedirs(result_dir, exist_ok=True)
     R.write_fbin(os.path.join(result_dir, "query.fbin"), q)
     R.write_fbin(os.path.join(result_dir, "embedding.fbin"), c)
