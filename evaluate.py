@@ -206,8 +206,11 @@ def most_popular_topk(train_dir, eval_dir, k=10):
     ix = _indexer(train_dir, eval_dir)
     pop = item_popularity(train_dir, ix)
     pool = list(dict.fromkeys(predict_pool(eval_dir)))
-    key = lambda c: (-pop.get(c, (0, 0))[0], -pop.get(c, (0, 0))[1], str(c))  # noqa: E731
-    top = sorted(pool, key=key)[:k]
+    def rank_key(c):  # most clicks, then most events, then the lower creative id
+        clicks, events = pop.get(c, (0, 0))
+        return -clicks, -events, isinstance(c, str), c if isinstance(c, int) else 0, str(c)
+
+    top = sorted(pool, key=rank_key)[:k]
     users = predict_users(eval_dir, ix)
     return [list(top) for _ in users], users
 

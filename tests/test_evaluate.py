@@ -99,7 +99,7 @@ def test_readers_give_one_line_errors(tmp_path):
 @pytest.fixture
 def layout(tmp_path):
     """Train: items (creative id -> re-id) 100->1, 200->2, 300->3, 400->4. Eval pool: 100, 200,
-    300, 500. Item 1: 1 click, 3 events; item 2: 2 clicks (one a conversion), 2 events; item 3:
+    1000, 300, 500. Item 1: 1 click, 3 events; item 2: 2 clicks (one a conversion), 2 events; item 3:
     1 click, 4 events (one with a null action); item 4 is not in the pool."""
     train, ev = tmp_path / "train", tmp_path / "eval"
     train.mkdir()
@@ -118,7 +118,7 @@ def layout(tmp_path):
                 train / "indexer.pkl")
     (ev / "predict_set.jsonl").write_text("".join(
         json.dumps({"creative_id": c, "retrieval_id": i, "features": {}}) + "\n"
-        for i, c in enumerate([100, 200, 300, 500])))
+        for i, c in enumerate([100, 200, 1000, 300, 500])))
     (ev / "predict_seq.jsonl").write_text("".join(json.dumps(s) + "\n" for s in [
         [[2, 1, None, {}, 0, 5]], [["user_new", 999999, None, {}, 1, 6]],
         [[1, 3, None, {}, 0, 7]]]))
@@ -131,10 +131,11 @@ def test_most_popular_on_tiny_layout(layout):
     assert pop == {100: (1, 3), 200: (2, 2), 300: (1, 4), 400: (3, 3)}
     tops, users = E.most_popular_topk(train, ev, k=3)
     assert users == ["user_b", "user_new", "user_a"]
-    # 400 has the most clicks but is not in the pool; 300 beats 100 on events; 500 unseen
+    # 400 has the most clicks but is not in the pool; 300 beats 100 on events; 500 and 1000
+    # are unseen and follow by creative id (as numbers, not strings)
     assert tops == [[200, 300, 100]] * 3
     tops, _ = E.most_popular_topk(train, ev, k=10)
-    assert tops[0] == [200, 300, 100, 500]
+    assert tops[0] == [200, 300, 100, 500, 1000]
 
 
 def test_random_expectation_hand_computed():
