@@ -1026,5 +1026,5 @@ def load_ctr_for(cfg, ctr_dir, seq_path):
     if ctr_dir is None:
         raise DataError(f"CTR features asked for but no ctr_meta.json found; run "
                         f"precompute_ctr.py --seq_path {seq_path} --output_dir <USER_CACHE_PATH>/ctr")
-    _, item_ctr, cfg.ctr_meta = load_ctr(ctr_dir)
+    _, item_ctr, cfg.ctr_meta = load_ctr(ctr_dir, sides=("item",))
     return item_ctr

@@ -239,12 +239,16 @@ def item_popularity(item_ids, item_events, head_quantile):
             "counts": dict(zip(map(str, np.asarray(item_ids).tolist()), counts.tolist()))}
 
 
-def load_ctr(ctr_dir):
+def load_ctr(ctr_dir, sides=("user", "item")):
     """Read precompute_ctr.py outputs -> (user_table, item_table, meta); tables map
-    int reid -> (clicks, events, z). DataError naming the file if one is missing or broken."""
+    int reid -> (clicks, events, z). A side not in `sides` is not read (its table is None):
+    the per-user file grows with the users. DataError naming the file if one is missing or broken."""
     out = []
     for name in (TABLE_FILES["user"], TABLE_FILES["item"], META_FILE):
         path = os.path.join(os.fspath(ctr_dir), name)
+        if name != META_FILE and name not in (TABLE_FILES[s] for s in sides):
+            out.append(None)
+            continue
         if not os.path.isfile(path):
             raise _dataset().DataError(f"{path}: file not found, expected the output of precompute_ctr.py")
         try:
@@ -258,6 +262,9 @@ def load_ctr(ctr_dir):
         out.append(obj)
     tables = []
     for path_name, obj in zip(TABLE_FILES.values(), out[:2]):
+        if obj is None:
+            tables.append(None)
+            continue
         try:
             tables.append({int(k): (int(v[0]), int(v[1]), float(v[2])) for k, v in obj.items()})
         except (ValueError, TypeError, IndexError):

@@ -320,3 +320,14 @@ def test_real_sample_counts_match_naive(tmp_path, capsys):
     for side, table in (("user", u_tab), ("item", i_tab)):
         z = np.array([v[2] for v in table.values()])
         assert z.mean() == pytest.approx(0, abs=1e-9) and z.std() == pytest.approx(1)
+
+
+def test_load_ctr_reads_only_the_sides_asked_for(tmp_path):
+    import precompute_ctr as P
+    seq = tmp_path / "seq.jsonl"
+    seq.write_text('[[1, 5, null, {}, 1, 10], [1, 6, null, {}, 0, 20]]\n[[2, 5, null, {}, 0, 30]]\n')
+    assert P.main(["--seq_path", str(seq), "--output_dir", str(tmp_path / "ctr")]) in (0, None)
+    users, items, meta = P.load_ctr(tmp_path / "ctr", sides=("item",))
+    assert users is None and items[5][:2] == (1, 2) and items[6][:2] == (0, 1)
+    (tmp_path / "ctr" / "user_ctr.json").write_text("broken")   # never read for the item side
+    assert P.load_ctr(tmp_path / "ctr", sides=("item",))[1] == items
