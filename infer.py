@@ -154,8 +154,8 @@ def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
     exclude = history_exclude(hist, rows) if args.mask_history else None
     _, idx = R.search(q, c, min(args.top_k, len(cids)), backend=args.retrieval_backend, exclude=exclude,
                       device=device)
-    top = cids[np.asarray(idx)]
-    return [t.tolist() for t in top], users
+    # a slot no unmasked candidate can fill comes back as -1: leave it out rather than invent one
+    return [[int(cids[j]) for j in row if j >= 0] for row in np.asarray(idx)], users
 
 
 def infer():
