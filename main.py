@@ -10,6 +10,7 @@ Paths come from the seed's environment variables (TRAIN_DATA_PATH, TRAIN_LOG_PAT
 TRAIN_TF_EVENTS_PATH, TRAIN_CKPT_PATH, USER_CACHE_PATH) with defaults under ./data and ./runs.
 """
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -506,6 +507,13 @@ class HardNegativeCache:
         D.dump_pickle(self.items, self.path)
 
 
+def model_config(args, data_cfg):
+    """ModelConfig from the flags, with sizes and feature switches from the data config (which
+    wins: e.g. time features are switched off for data without timestamps)."""
+    return ModelConfig(**{f.name: getattr(data_cfg, f.name) if hasattr(data_cfg, f.name) else getattr(args, f.name)
+                          for f in dataclasses.fields(ModelConfig)})
+
+
 def main(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -543,12 +551,7 @@ def main(argv=None):
     # add-one smoothing: no item has sampling probability 0
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
 
-    model_cfg = ModelConfig(**{k: getattr(args, k) for k in (
-        "encoder_type", "hidden_units", "num_blocks", "num_heads", "dqk", "dv", "dropout_rate", "attn_dropout", "norm_first",
-        "norm_type", "hstu_attn", "use_rope", "use_rel_bias", "rel_pos_buckets", "rel_time_buckets",
-        "use_abs_pos", "use_senet", "action_cond", "grad_checkpoint", "feat_dim", "maxlen")},
-        **{k: getattr(data_cfg, k) for k in ("num_users", "num_items", "user_sparse", "user_array", "item_sparse",
-                                             "item_array", "mm_dims", "use_timefeat", "use_userctr", "use_itemctr")})
+    model_cfg = model_config(args, data_cfg)
     raw_model = GenerativeRecommender(model_cfg).to(device)
     click_rate = float(table.ctr_c.sum() / max(1.0, table.ctr_n.sum())) if table.ctr_meta else 0.1
     trainer = Trainer(raw_model, args, log_pop, data_cfg.num_items, click_rate).to(device)

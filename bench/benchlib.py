@@ -4,10 +4,9 @@ BENCHMARKS.md appender.
 
 `build_training` follows main.main's setup (schema, item table, popularity, model, Trainer,
 AdamW groups, schedule) without DDP, logging or checkpoints, so a benchmark times exactly the
-loop body of main.py. ModelConfig is filled field by field from the data config, then from the
-parsed flags, so a flag added to both main.py and ModelConfig needs no change here.
+loop body of main.py. ModelConfig comes from main.model_config (data config first, then the
+parsed flags), so a flag added to both main.py and ModelConfig needs no change here.
 """
-import dataclasses
 import datetime
 import math
 import os
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 
 import dataset as D  # noqa: E402
 import main as M  # noqa: E402
-from model import GenerativeRecommender, ModelConfig  # noqa: E402
+from model import GenerativeRecommender  # noqa: E402
 
 # run.sh's recommended feature set (the rest are main.py defaults)
 RECOMMENDED = ["--use_ctr", "--use_rel_bias", "--action_cond"]
@@ -94,13 +93,7 @@ def build_training(argv, data_dir, cache_dir, device="cpu"):
     builder.rank_packages = args.use_rankloss or args.rank_pkg_as_neg
     builder.keep_items = args.use_hard_neg
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
-    fields = {}
-    for f in dataclasses.fields(ModelConfig):
-        if hasattr(data_cfg, f.name):
-            fields[f.name] = getattr(data_cfg, f.name)
-        elif hasattr(args, f.name):
-            fields[f.name] = getattr(args, f.name)
-    model_cfg = ModelConfig(**fields)
+    model_cfg = M.model_config(args, data_cfg)
     torch.manual_seed(args.seed)
     model = GenerativeRecommender(model_cfg).to(device)
     click_rate = float(table.ctr_c.sum() / max(1.0, table.ctr_n.sum())) if table.ctr_meta else 0.1
