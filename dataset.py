@@ -819,6 +819,11 @@ class LineReader:
     def __len__(self):
         return len(self.offsets)
 
+    def line_bytes(self):
+        """Bytes per line (up to the next offset, the last to the end of the file): a proxy for
+        each user's number of events that costs no read."""
+        return np.diff(np.append(np.asarray(self.offsets, np.int64), self.size))
+
     def __getitem__(self, i):
         if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
@@ -889,12 +894,21 @@ class PackedCollate:
     are distinct per (item, clicked), because the target's item CTR leaves out its own event.
     """
 
-    def __init__(self, table):
-        self.table = table
+    PER_USER = ("user_id", "user_sparse", "user_array")    # every other array is per token [T, ...]
+
+    def __init__(self, table, trim=True):
+        self.table, self.trim = table, trim
 
     def __call__(self, samples):
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]
-                 if not k.startswith("_")}
+        keys = [k for k in samples[0] if not k.startswith("_")]
+        lo = 0
+        if self.trim:
+            # Left padding that every sample of the batch shares is dropped: outputs do not depend
+            # on it (the encoder is left-padding invariant, a test checks it), and with batches of
+            # similar lengths (EpochSampler's bucketing) it is most of the work on short sequences.
+            lo = min(int(np.argmax(s["token_type"] > 0)) for s in samples)
+        batch = {k: torch.from_numpy(np.stack([s[k] if k in self.PER_USER else s[k][lo:] for s in samples]))
+                 for k in keys}
         batch.update({k: [s[k] for s in samples] for k in samples[0] if k.startswith("_")})
         seq = batch.pop("seq_row").numpy()
         rows, inv = np.unique(seq, return_inverse=True)

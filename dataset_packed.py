@@ -53,8 +53,12 @@ class PredictSeqDataset(torch.utils.data.Dataset):
         return s
 
 
-def read_candidates(eval_dir):
-    """predict_set.jsonl -> (creative ids int64, retrieval ids int64, feature dicts)."""
+def read_candidates(eval_dir, known=()):
+    """predict_set.jsonl -> (creative ids int64, retrieval ids int64, feature dicts).
+
+    Every line is validated, but the feature dict is kept only for creative ids not in `known`
+    (cold items; the rest get None): the item table already holds the others' features, and at
+    millions of candidates the dicts would dominate memory."""
     path = os.path.join(eval_dir, "predict_set.jsonl")
     if not os.path.isfile(path):
         raise D.DataError(f"{path}: file not found (looked for the candidate pool in {eval_dir})")
@@ -75,7 +79,7 @@ def read_candidates(eval_dir):
         D.check_feats(f, where, "features")
         cids.append(cid)
         rids.append(rid)
-        feats.append(f or {})
+        feats.append(None if cid in known else (f or {}))
     if not cids:
         raise D.DataError(f"{path}: no candidates (the file has no JSON lines)")
     return np.array(cids, np.int64), np.array(rids, np.int64), feats

@@ -105,33 +105,45 @@ def prepare_tables(data_cfg, eval_dir, train_dir, cache_dir):
 
 
 @torch.no_grad()
-def export(model, table, builder, indexer, eval_dir, device, args, verbose=False):
-    """-> users (raw ids), queries [U, d], per-user history candidate rows, candidate creative
-    ids, retrieval ids, candidate vectors [N, d]."""
+def export(model, table, builder, indexer, eval_dir, device, args, verbose=False, history=True):
+    """-> users (raw ids), queries [U, d], per-user history candidate rows (None unless
+    `history`), candidate creative ids, retrieval ids, candidate vectors [N, d].
+
+    Memory is the outputs plus one batch: vectors are written into preallocated arrays, and
+    candidates already in the item table keep no feature dict."""
     t0 = time.time()
-    cids, rids, feats = P.read_candidates(eval_dir)
+    cids, rids, feats = P.read_candidates(eval_dir, table.row_of_cid)
     rows = table.extend(cids.tolist(), feats)
+    del feats
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    cand = []
+    cand, n = None, 0
     for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, args.cand_batch_size), batch_size=None):
         with amp:
-            cand.append(model.item_vectors({k: v.to(device) for k, v in b.items()}).cpu())
+            v = model.item_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
+        if cand is None:
+            cand = np.empty((len(rows), v.shape[1]), np.float32)
+        cand[n:n + len(v)], n = v, n + len(v)
     t1 = time.time()
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=D.PackedCollate(table))
-    users, hist, queries = [], [], []
+    users, hist, queries, n = [], [] if history else None, None, 0
     for b in loader:
         users += b.pop("_user")
-        hist += b.pop("_history")
+        h = b.pop("_history")
+        if history:
+            hist += [np.unique(x).astype(np.int32) for x in h]
         with amp:
-            queries.append(model.user_vectors({k: v.to(device) for k, v in b.items()}).cpu())
+            v = model.user_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
+        if queries is None:
+            queries = np.empty((len(ds), v.shape[1]), np.float32)
+        queries[n:n + len(v)], n = v, n + len(v)
     if verbose:
         t2 = time.time()
         print(f"candidates: {len(cids)} in {t1 - t0:.1f}s ({len(cids) / max(t1 - t0, 1e-9):.0f}/s); "
               f"users: {len(users)} in {t2 - t1:.1f}s ({len(users) / max(t2 - t1, 1e-9):.0f}/s)", flush=True)
-    return users, torch.cat(queries).numpy(), hist, cids, rids, torch.cat(cand).numpy(), rows
+    return users, queries, hist, cids, rids, cand, rows
 
 
 def history_exclude(hist, cand_rows):
@@ -144,7 +156,8 @@ def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, data_cfg, path = load_model(ckpt, device)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
-    users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args, verbose=True)
+    users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args, verbose=True,
+                                                 history=args.mask_history)
     os.makedirs(result_dir, exist_ok=True)
     R.write_fbin(os.path.join(result_dir, "query.fbin"), q)
     R.write_fbin(os.path.join(result_dir, "embedding.fbin"), c)

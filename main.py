@@ -60,6 +60,8 @@ def get_args(argv=None):
     g.add_argument("--valid_dir", default=None, help="validation folder in the eval layout "
                    "(default: ../valid beside the train folder when it exists; 'none' disables)")
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    flag("--length_bucketing", True, "batch users of similar sequence length together (sorted within runs of 64 "
+         "batches, then shuffled) so the padding they share is dropped; 0 = plain shuffle")
     flag("--pin_memory", False, "pin host memory for faster host-to-GPU copies")
     g.add_argument("--limit_users", type=int, default=None, help="train on the first N lines only (smoke tests)")
     flag("--skip_bad_records", False, "skip malformed user lines instead of stopping; each skipped location is "
@@ -196,20 +198,37 @@ class EpochSampler(torch.utils.data.Sampler):
     """Shuffled order fixed by (seed, epoch), sharded over ranks, resumable from a position.
 
     Each rank gets every world-th index of one permutation (padded by wrapping so all ranks have
-    the same length, as DistributedSampler does)."""
+    the same length, as DistributedSampler does). With `lengths` (bytes per line, a free proxy
+    for the number of events), each run of `bucket` batches is sorted by length and the batches
+    are shuffled again: a batch then holds sequences of similar length, and PackedCollate drops
+    the padding they share."""
 
-    def __init__(self, n, world, rank, seed):
+    def __init__(self, n, world, rank, seed, batch_size=1, lengths=None, bucket=64):
         self.n, self.world, self.rank, self.seed = n, world, rank, seed
+        self.batch_size, self.lengths, self.bucket = batch_size, lengths, bucket
         self.epoch_len = math.ceil(n / world)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
+    def order(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        perm = torch.cat([perm, perm[:self.epoch_len * self.world - self.n]])[self.rank::self.world]
+        if self.lengths is None:
+            return perm
+        batches, span = [], self.batch_size * self.bucket
+        for i in range(0, len(perm), span):
+            chunk = perm[i:i + span]
+            batches += chunk[torch.from_numpy(np.argsort(self.lengths[chunk.numpy()], kind="stable"))].split(self.batch_size)
+        # a short final batch stays last, so the DataLoader's batches are exactly these
+        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()] + short
+        return torch.cat(batches)
+
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        perm = torch.cat([perm, perm[:self.epoch_len * self.world - self.n]])
-        return iter(perm[self.rank::self.world][self.start:].tolist())
+        return iter(self.order()[self.start:].tolist())
 
     def __len__(self):
         return self.epoch_len - self.start
@@ -433,7 +452,8 @@ class Trainer(torch.nn.Module):
             hard.append(hv[user_of])                                                          # [N, K, d]
             hard_ids.append(batch["hard_row"][user_of])
         if fast:
-            logits = qn @ F.normalize(negs.float(), dim=-1).T / tau.unsqueeze(1)        # [N, num_items]
+            # 1/tau folded into the queries: one pass less over the [N, num_items] matrix
+            logits = (qn / tau.unsqueeze(1)) @ F.normalize(negs.float(), dim=-1).T    # [N, num_items]
             loss = F.cross_entropy(logits, pos_ids - 1, reduction="none")
             s_pos = logits.gather(1, (pos_ids - 1).unsqueeze(1)).squeeze(1) * tau
         else:
@@ -561,7 +581,8 @@ def main(argv=None):
 
     ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=args.seed, skip_bad=args.skip_bad_records)
     skipped = set()
-    sampler = EpochSampler(len(ds), world, rank, args.seed)
+    sampler = EpochSampler(len(ds), world, rank, args.seed, args.batch_size,
+                           ds.lines.line_bytes() if args.length_bucketing else None)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
         pin_memory=args.pin_memory and device.type == "cuda", collate_fn=D.PackedCollate(table),

@@ -64,6 +64,9 @@ def one_run(name, flags, seed, data, out, epochs):
         subprocess.run([sys.executable, os.path.join(ROOT, "precompute_ctr.py"), "--seq_path",
                         os.path.join(data, "train", "seq.jsonl"), "--output_dir", os.path.join(cache, "ctr"),
                         "--prior", "auto", "--k_clip", "10,10000"], env=env, check=True, stdout=subprocess.DEVNULL)
+    hard = os.path.join(cache, "hard_negative_cache.pkl")
+    if os.path.exists(hard):            # each run starts cold: no hard negatives from another seed
+        os.remove(hard)
     t0 = time.time()
     subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *BASE, *flags, "--num_epochs", str(epochs),
                     "--seed", str(seed), "--resume", "none"], env=env, check=True, stdout=subprocess.DEVNULL)

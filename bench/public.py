@@ -24,8 +24,8 @@ sys.path.insert(0, ROOT)
 # full softmax affordable and it is the strongest objective there.
 RECOMMENDED = {
     "s3rec": ["--maxlen", "50", "--hidden_units", "64", "--num_blocks", "2", "--num_heads", "2", "--dqk", "32",
-              "--dv", "32", "--dropout_rate", "0.3", "--num_neg", "-1", "--temperature", "0.05", "--lr", "1e-3",
-              "--batch_size", "128", "--num_epochs", "40", "--patience", "4", "--warmup_steps", "200",
+              "--dv", "32", "--dropout_rate", "0.3", "--num_neg", "-1", "--temperature", "0.05", "--lr", "2e-3",
+              "--batch_size", "128", "--num_epochs", "30", "--patience", "4", "--warmup_steps", "200",
               "--use_timefeat", "0", "--feat_dim", "32"],
     "movielens": ["--maxlen", "200", "--hidden_units", "64", "--num_blocks", "2", "--num_heads", "2", "--dqk", "32",
                   "--dv", "32", "--dropout_rate", "0.2", "--num_neg", "-1", "--temperature", "0.05", "--lr", "1e-3",

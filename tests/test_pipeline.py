@@ -166,3 +166,77 @@ def test_skip_bad_records_counts_and_logs_skipped_lines(demo):
     assert "skipped 1 bad line(s)" in out.stdout
     logged = (d / "skip_log/skipped_records.txt").read_text().splitlines()
     assert len(logged) == 1 and "seq.jsonl:3" in logged[0]
+
+
+def test_length_bucketing_sampler_is_a_shuffled_partition():
+    """Each rank's epoch is its shard of one permutation; batches hold similar lengths; same
+    (seed, epoch) -> same order; a resumed position continues the same order."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    from main import EpochSampler
+    n, bs = 1003, 16
+    lengths = np.random.default_rng(0).integers(1, 500, n)
+    plain = [EpochSampler(n, 2, r, seed=3) for r in range(2)]
+    buck = [EpochSampler(n, 2, r, seed=3, batch_size=bs, lengths=lengths, bucket=8) for r in range(2)]
+    for r in range(2):
+        got = list(buck[r])
+        assert sorted(got) == sorted(plain[r])                 # the same shard, reordered
+        assert got == list(EpochSampler(n, 2, r, seed=3, batch_size=bs, lengths=lengths, bucket=8))
+        spread = np.mean([np.ptp(lengths[got[i:i + bs]]) for i in range(0, len(got) - bs, bs)])
+        naive = np.mean([np.ptp(lengths[list(plain[r])[i:i + bs]]) for i in range(0, len(got) - bs, bs)])
+        assert spread < naive / 3
+        buck[r].set_epoch(0, start=5 * bs)
+        assert list(buck[r]) == got[5 * bs:]
+    buck[0].set_epoch(0)
+    buck[1].set_epoch(0)
+    assert set(buck[0]) | set(buck[1]) == set(range(n))
+    first = list(buck[0])
+    buck[0].set_epoch(1)
+    assert list(buck[0]) != first                              # a new order each epoch
+
+
+def test_trimmed_batch_gives_the_same_loss(demo):
+    """PackedCollate drops the left padding all samples share: the loss (and the last-position
+    query) equal those of the untrimmed batch."""
+    d, env = demo
+    sys.path.insert(0, str(ROOT))
+    import argparse
+    import numpy as np
+    import dataset as D
+    import main as M
+    from model import GenerativeRecommender
+    cfg = D.DataConfig(maxlen=200, use_userctr=True, use_itemctr=True, mm_emb_id=["81"])
+    cfg, table, builder, seq, offsets = D.load_train_data(d / "data/train", cfg, d / "cache", str(d / "cache/ctr"))
+    counts, head_min = D.load_item_pop(d / "data/train", str(d / "cache/ctr"), seq, d / "cache", cfg.num_items)
+    table.set_popularity(counts, head_min)
+    builder.rank_packages = True
+    ds = D.SeqDataset(seq, offsets, builder, train=True, seed=0)
+    samples = [ds[i] for i in range(6)]
+    args = M.get_args(["--use_ctr", "--use_rel_bias", "--use_rankloss=1", "--action_cond", "--maxlen", "200",
+                       "--hidden_units", "16", "--feat_dim", "8", "--dqk", "8", "--dv", "8", "--num_heads", "2",
+                       "--dropout_rate", "0"])
+    torch.manual_seed(0)
+    model = GenerativeRecommender(M.model_config(args, cfg)).eval()
+    log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
+    trainer = M.Trainer(model, args, log_pop, cfg.num_items, 0.1)
+    negs = D.sample_negatives(table, 16, cfg.num_items, torch.Generator().manual_seed(0))
+    out = []
+    for trim in (True, False):
+        batch = D.PackedCollate(table, trim=trim)(samples)
+        batch.update(negs)
+        out.append((batch["token_type"].shape[1], *trainer(batch)))
+    assert out[0][0] < out[1][0] == 201                       # something was trimmed
+    torch.testing.assert_close(out[0][1], out[1][1])
+    torch.testing.assert_close(out[0][2], out[1][2])
+
+
+def test_candidates_keep_features_only_for_cold_items(demo):
+    d, _ = demo
+    sys.path.insert(0, str(ROOT))
+    import dataset_packed as P
+    lines = [json.loads(l) for l in open(d / "data/eval/predict_set.jsonl")]
+    known = {lines[0]["creative_id"], lines[2]["creative_id"]}
+    cids, rids, feats = P.read_candidates(d / "data/eval", known)
+    assert cids.tolist() == [o["creative_id"] for o in lines]
+    assert [f is None for f in feats] == [o["creative_id"] in known for o in lines]
+    assert feats[1] == (lines[1]["features"] or {})
