@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 RECOMMENDED = {
     "s3rec": ["--maxlen", "50", "--hidden_units", "64", "--num_blocks", "2", "--num_heads", "2", "--dqk", "32",
               "--dv", "32", "--dropout_rate", "0.3", "--num_neg", "-1", "--temperature", "0.05", "--lr", "2e-3",
-              "--batch_size", "128", "--num_epochs", "30", "--patience", "4", "--warmup_steps", "200",
-              "--use_timefeat", "0", "--feat_dim", "32"],
+              "--batch_size", "128", "--num_epochs", "20", "--patience", "4", "--warmup_steps", "200",
+              "--use_timefeat", "0", "--feat_dim", "32", "--emb_init_std", "0.02"],
     "movielens": ["--maxlen", "200", "--hidden_units", "64", "--num_blocks", "2", "--num_heads", "2", "--dqk", "32",
                   "--dv", "32", "--dropout_rate", "0.2", "--num_neg", "-1", "--temperature", "0.05", "--lr", "1e-3",
                   "--batch_size", "64", "--num_epochs", "60", "--patience", "6", "--warmup_steps", "100",
@@ -40,6 +40,7 @@ def get_args():
     p.add_argument("--input", required=True, help="dataset folder (or S3Rec .txt file)")
     p.add_argument("--out", required=True, help="output folder (converted data, runs, results)")
     p.add_argument("--seeds", type=int, default=1, help="train and score this many seeds (0, 1, ...)")
+    p.add_argument("--first_seed", type=int, default=0, help="seeds run from this one")
     p.add_argument("--name", default="hstu", help="label of this configuration in the output")
     p.add_argument("--no_mask_history", action="store_true", help="do not mask the input history when ranking")
     p.add_argument("main_args", nargs="*", help="extra main.py flags (after --)")
@@ -75,7 +76,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "convert_public.py"), "--format", a.format,
                         "--input", a.input, "--out", data], check=True)
     rows = []
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         run = os.path.join(a.out, f"{a.name}_seed{seed}")
         env = dict(os.environ, TRAIN_DATA_PATH=os.path.join(data, "train"), TRAIN_LOG_PATH=os.path.join(run, "logs"),
                    TRAIN_TF_EVENTS_PATH=os.path.join(run, "tb"), TRAIN_CKPT_PATH=os.path.join(run, "ckpt"),
