@@ -120,7 +120,7 @@ class FeatureTower(nn.Module):
                 nn.init.normal_(emb.weight, std=init_std)
                 with torch.no_grad():
                     emb.weight[0].zero_()
-            for lin in self.proj:
+            for lin in [*self.proj, *self.mm, self.ctr]:
                 if isinstance(lin, nn.Linear):
                     nn.init.zeros_(lin.bias)
 
