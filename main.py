@@ -77,8 +77,9 @@ def get_args(argv=None):
     g.add_argument("--dv", type=int, default=32, help="HSTU per-head value width")
     g.add_argument("--dropout_rate", type=float, default=0.2, help="dropout on embeddings and block outputs")
     g.add_argument("--attn_dropout", type=float, default=0.0, help="dropout on attention weights")
-    g.add_argument("--emb_init_std", type=float, default=1.0, help="init std of id and feature embedding rows; "
-                   "0.02 learns much faster on sparse public data (Beauty), 1.0 is better on the demo data")
+    g.add_argument("--emb_init_std", type=float, default=1.0, help="below 1: small-init mode, every embedding table "
+                   "(ids, features, positions, types, actions, time) starts at N(0, this) and the feature towers' "
+                   "biases at 0; 0.02 learns far faster on sparse public data (Beauty), 1.0 is better on the demo data")
     flag("--norm_first", True, "pre-norm blocks")
     g.add_argument("--norm_type", choices=["rmsnorm", "layernorm"], default="rmsnorm", help="normalisation layer")
     g.add_argument("--hstu_attn", choices=["softmax", "silu"], default="softmax",

@@ -36,7 +36,7 @@ class ModelConfig:
     dv: int = 32                      # per-head value width (HSTU)
     dropout_rate: float = 0.2
     attn_dropout: float = 0.0         # on attention weights; non-zero forces SDPA's slow math path on CPU
-    emb_init_std: float = 1.0         # init std of id/sparse/array embedding rows (1.0 = nn.Embedding's)
+    emb_init_std: float = 1.0         # < 1: small-init mode (every embedding table, zero tower biases)
     norm_first: bool = True
     norm_type: str = "rmsnorm"        # rmsnorm | layernorm
     hstu_attn: str = "softmax"        # softmax | silu
@@ -113,15 +113,16 @@ class FeatureTower(nn.Module):
         self.senet = SENet(n_blocks) if use_senet else None
         self.proj = nn.Sequential(nn.Linear(n_blocks * f, d), nn.SiLU(), nn.Linear(d, d))
         self.id_dropout = 0.0
-        # Adam moves a row by about lr per step, so the init scale sets how long rows stay near
-        # their random start. Which is better depends on the data (BENCHMARKS.md): unit rows on
-        # the demo data (0.106 vs 0.062 Score at 0.02), 0.02 on Beauty (training loss after 100
-        # steps 8.68 vs 9.30; uniform is 9.40).
         if init_std != 1.0:
+            # small-init mode (see GenerativeRecommender): rows N(0, init_std), zero biases, so
+            # the tower's output starts item-specific instead of one shared bias vector
             for emb in [self.id_emb, *self.sparse, *self.array]:
                 nn.init.normal_(emb.weight, std=init_std)
                 with torch.no_grad():
                     emb.weight[0].zero_()
+            for lin in [*self.proj, *self.mm, self.ctr]:
+                if isinstance(lin, nn.Linear):
+                    nn.init.zeros_(lin.bias)
 
     def forward(self, x):
         ids = x["id"]
@@ -286,6 +287,19 @@ class GenerativeRecommender(nn.Module):
         self.final_norm = make_norm(cfg.norm_type, d)
         self.next_action_emb = nn.Embedding(4, d, padding_idx=0) if cfg.action_cond else None
         self.head = nn.Linear(d, d)
+        if cfg.emb_init_std != 1.0:
+            # Small-init mode. With nn.Embedding's unit rows, the position/type/action rows added
+            # to each token (norm ~sqrt(d)) drown the item's own vector, and items start as one
+            # shared tower bias: on Beauty the model then sat at popularity level for 8+ epochs
+            # (valid HR@10 0.019 at epoch 4 vs 0.052 in this mode). Adam also moves small rows
+            # relatively faster. The demo data prefers unit rows (BENCHMARKS.md), hence a flag.
+            for emb in [self.type_emb, self.action_emb, self.pos_emb, self.next_action_emb,
+                        *(self.time_emb.values() if cfg.use_timefeat else [])]:
+                if emb is not None:
+                    nn.init.normal_(emb.weight, std=cfg.emb_init_std)
+                    if emb.padding_idx is not None:
+                        with torch.no_grad():
+                            emb.weight[emb.padding_idx].zero_()
         if cfg.use_rope:
             dh = cfg.dqk if cfg.encoder_type == "hstu" else d // cfg.num_heads
             self.register_buffer("rope_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh),

@@ -1,10 +1,15 @@
-"""Ablations on demo data: each model option / objective on and off, mean over seeds.
+"""Ablations: each model option / objective on and off, mean over seeds.
 
     python bench/ablation.py --data data/demo --seeds 2 [--only base,no_time,...] [--epochs 6]
+    python bench/ablation.py --public movielens --data runs/ml100k/data --seeds 2 --epochs 15
 
-Every run trains with the same budget from the same data (run.sh's recommended flags as the
-base), infers on the eval folder and scores Score / HR@10 / NDCG@10 with evaluate.py's metric.
-Prints a table and appends it to BENCHMARKS.md with the command, date and machine.
+Every run trains with the same budget from the same data and scores Score / HR@10 / NDCG@10.
+Demo data: run.sh's recommended flags as the base, inference on the eval folder, evaluate.py's
+metric. Public data (`--public FORMAT`, a convert_public.py folder): bench/public.py's
+recommended configuration for that format as the base, a fixed number of epochs (no early
+stopping), full ranking of the VALIDATION split with the input history masked (the test split is
+left for bench/public.py's reported numbers). Prints a table and appends it to BENCHMARKS.md
+with the command, date and machine.
 """
 import argparse
 import datetime
@@ -47,6 +52,50 @@ CONFIGS = {
                   "focal", "--two_tau", "--tau_click", "0.03", "--tau_expo", "0.05", "--first_epoch_id_item_dropout"],
 }
 
+# Public data: every run uses the full softmax of the base unless it says otherwise, so options
+# that only act on sampled / in-batch negatives (logQ) are measured with --num_neg 256.
+PUBLIC_CONFIGS = {
+    "base": [],
+    "transformer": ["--encoder_type", "transformer"],
+    "rel_bias": ["--use_rel_bias", "1"],
+    "rope": ["--use_rope"],
+    "no_time": ["--use_timefeat", "0"],
+    "senet": ["--use_senet"],
+    "id_dropout": ["--first_epoch_id_item_dropout"],
+    "silu_attn": ["--hstu_attn", "silu"],
+    "unit_init": ["--emb_init_std", "1.0"],
+    "rank_listwise": ["--use_rankloss=1", "--rankloss_mode=listwise", "--lambda_rank", "0.6"],
+    "hard_neg": ["--use_hard_neg"],
+    "neg_256": ["--num_neg", "256"],
+    "neg_256_no_logq": ["--num_neg", "256", "--logq", "0"],
+}
+
+
+def public_run(name, flags, seed, data, out, epochs, fmt):
+    """Train the public base + flags for a fixed number of epochs; full-ranking metrics on valid."""
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch
+
+    import infer
+    import public
+    run = os.path.join(out, f"{name}_s{seed}")
+    env = dict(os.environ, TRAIN_DATA_PATH=os.path.join(data, "train"), TRAIN_LOG_PATH=os.path.join(run, "logs"),
+               TRAIN_TF_EVENTS_PATH=os.path.join(run, "tb"), TRAIN_CKPT_PATH=os.path.join(run, "ckpt"),
+               USER_CACHE_PATH=os.path.join(run, "cache"))
+    base = public.RECOMMENDED[fmt]
+    t0 = time.time()
+    subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *base, *flags, "--num_epochs", str(epochs),
+                    "--valid_dir", "none", "--seed", str(seed), "--resume", "none"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    train_s = time.time() - t0
+    model, data_cfg, _ = infer.load_model(os.path.join(run, "ckpt"), torch.device("cpu"))
+    valid, train = os.path.join(data, "valid"), os.path.join(data, "train")
+    table, _, _ = infer.prepare_tables(data_cfg, valid, train, os.path.join(run, "cache"))
+    m = infer.evaluate_folder(model, data_cfg, table, valid, train, torch.device("cpu"))
+    m["train_s"] = train_s
+    return m
+
 
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
@@ -88,15 +137,24 @@ def main():
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration")
     p.add_argument("--epochs", type=int, default=6, help="training epochs per run")
     p.add_argument("--only", default=None, help="comma-separated configuration names (default: all)")
+    p.add_argument("--public", choices=["movielens", "s3rec"], default=None,
+                   help="--data is a convert_public.py folder of this format: public base, validation metrics")
     p.add_argument("--no_append", action="store_true", help="do not append to BENCHMARKS.md")
     a = p.parse_args()
-    if not os.path.exists(os.path.join(a.data, "train", "seq.jsonl")):
+    configs = PUBLIC_CONFIGS if a.public else CONFIGS
+    if a.public and not os.path.exists(os.path.join(a.data, "valid", "ground_truth.jsonl")):
+        raise SystemExit(f"error: {a.data}/valid/ground_truth.jsonl not found; run convert_public.py --out {a.data}")
+    if not a.public and not os.path.exists(os.path.join(a.data, "train", "seq.jsonl")):
         subprocess.run([sys.executable, os.path.join(ROOT, "make_demo_data.py"), "--out", a.data], check=True)
-    names = a.only.split(",") if a.only else list(CONFIGS)
+    names = a.only.split(",") if a.only else list(configs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise SystemExit(f"error: unknown configuration(s) {', '.join(unknown)}; expected some of {', '.join(configs)}")
     rows = []
     for name in names:
-        ms = [one_run(name, CONFIGS[name], s, a.data, a.out, a.epochs) for s in range(a.seeds)]
-        row = {"config": name, "flags": " ".join(CONFIGS[name]) or "(base)"}
+        ms = [public_run(name, configs[name], s, a.data, a.out, a.epochs, a.public) if a.public else
+              one_run(name, configs[name], s, a.data, a.out, a.epochs) for s in range(a.seeds)]
+        row = {"config": name, "flags": " ".join(configs[name]) or "(base)"}
         for k in ("Score", "HR@10", "NDCG@10", "train_s"):
             vals = [m[k] for m in ms]
             row[k] = statistics.mean(vals)
@@ -114,10 +172,19 @@ def main():
     print(table)
     if not a.no_append:
         cmd = "python bench/ablation.py " + " ".join(sys.argv[1:])
+        if a.public:
+            sys.path.insert(0, os.path.join(ROOT, "bench"))
+            import public
+            title, what = (f"Ablations on public data `{a.data}` ({a.public}, validation split)",
+                           f"Base flags: bench/public.py's `{' '.join(public.RECOMMENDED[a.public])}` with "
+                           f"`--num_epochs {a.epochs}` and no early stopping; full ranking of the validation split, "
+                           f"input history masked")
+        else:
+            title, what = "Ablations on demo data", (f"Base flags: `{' '.join(BASE)}`, {a.epochs} epochs; demo data "
+                                                     f"from `make_demo_data.py` defaults")
         with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
-            f.write(f"\n## Ablations on demo data ({datetime.date.today()})\n\nCommand: `{cmd}`  \n"
-                    f"Machine: {machine()}, CPU only. Base flags: `{' '.join(BASE)}`, {a.epochs} epochs, "
-                    f"{a.seeds} seeds (0..{a.seeds - 1}); demo data from `make_demo_data.py` defaults.\n\n{table}\n")
+            f.write(f"\n## {title} ({datetime.date.today()})\n\nCommand: `{cmd}`  \n"
+                    f"Machine: {machine()}, CPU only. {what}; {a.seeds} seeds (0..{a.seeds - 1}).\n\n{table}\n")
 
 
 if __name__ == "__main__":

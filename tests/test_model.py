@@ -182,3 +182,26 @@ def test_id_dropout_only_in_training_and_senet_shapes():
     no_id = m.item_tower({"id": torch.zeros_like(b["seq_id"]), "sparse": b["seq_sparse"], "array": b["seq_array"],
                           "mm_81": b["seq_mm_81"], "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]})
     torch.testing.assert_close(out_drop, no_id)                # p = 1 removes the id block only
+
+
+def test_small_init_mode_sets_every_table_and_zero_tower_biases():
+    torch.manual_seed(0)
+    unit, small = M.GenerativeRecommender(make_cfg()), M.GenerativeRecommender(make_cfg(emb_init_std=0.02))
+    tables = lambda m: {n: p for n, p in m.named_parameters() if n.endswith("weight") and "emb" in n}
+    assert set(tables(small)) == set(tables(unit)) and len(tables(small)) >= 6
+    for n, w in tables(small).items():
+        rows = w[w.abs().sum(-1) > 0]                      # padding rows are zero
+        assert 0.01 < float(rows.std()) < 0.03, n
+        assert float(tables(unit)[n][tables(unit)[n].abs().sum(-1) > 0].std()) > 0.5, n
+    for tw in (small.item_tower, small.user_tower):
+        assert all(float(l.bias.abs().max()) == 0 for l in tw.modules() if isinstance(l, torch.nn.Linear))
+    # items that differ only by id start distinct in direction (a shared bias would make them
+    # nearly parallel, and position rows of unit scale would drown them in the token)
+    n = 8
+    x = {"id": torch.arange(1, n + 1), "sparse": torch.zeros(n, 2, dtype=torch.long),
+         "array": torch.zeros(n, 1, 3, dtype=torch.long), "mm_81": torch.zeros(n, 4),
+         "mm_mask": torch.zeros(n, 1, dtype=torch.bool), "ctr": torch.zeros(n)}
+    with torch.no_grad():
+        v = F.normalize(small.item_tower(x), dim=-1)
+    off = (v @ v.T)[~torch.eye(n, dtype=torch.bool)]
+    assert float(off.mean()) < 0.5
