@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -49,19 +48,22 @@ def write_checkpoint(train_dir, cache_dir, path):
 def run_infer(data, cache, ckpt, result):
     env = dict(os.environ, EVAL_DATA_PATH=os.path.join(data, "eval"), TRAIN_DATA_PATH=os.path.join(data, "train"),
                USER_CACHE_PATH=cache, MODEL_OUTPUT_PATH=ckpt, EVAL_RESULT_PATH=result)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # infer.py's own peak, read inside its process (the children's ru_maxrss here would also
+    # count make_demo_data.py); its DataLoader worker is a separate, smaller process
+    probe = ("import resource, runpy, sys; sys.argv = ['infer.py', '--num_workers', '1']; "
+             "runpy.run_path(%r, run_name='__main__'); "
+             "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % os.path.join(B.ROOT, "infer.py"))
     t0 = time.time()
-    out = subprocess.run([sys.executable, os.path.join(B.ROOT, "infer.py"), "--num_workers", "1"], env=env,
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True,
+                         cwd=B.ROOT).stdout
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak = int(re.search(r"PEAK_KIB (\d+)", out)[1])
     m = re.search(r"candidates: (\d+) in ([\d.]+)s \((\d+)/s\); users: (\d+) in ([\d.]+)s \((\d+)/s\)", out)
     if m is None:
         raise SystemExit(f"infer.py printed no throughput line:\n{out}")
     return {"cands": int(m[1]), "cand_s": float(m[2]), "cand_rate": int(m[3]), "users": int(m[4]),
             "user_s": float(m[5]), "user_rate": int(m[6]), "wall": wall,
-            # ru_maxrss is the largest child so far: only meaningful when this child is the largest
-            "peak_mib": peak / 1024 if peak > before else float("nan")}
+            "peak_mib": peak / 1024}
 
 
 def main():
