@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +31,17 @@ class DataError(Exception):
         if msg.startswith("Caught DataError") and "DataError: " in msg:
             msg = msg.rsplit("DataError: ", 1)[1].strip()
         return msg
+
+
+def run_cli(main, exit_codes=None):
+    """A script's entry point: runs main(); a known error (DataError, exit 2, plus any given in
+    exit_codes) becomes one "error: ..." line on stderr and that exit code, never a traceback."""
+    codes = {DataError: 2, **(exit_codes or {})}
+    try:
+        main()
+    except tuple(codes) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(next(c for t, c in codes.items() if isinstance(e, t)))
 
 
 # ---------------------------------------------------------------------------------------------

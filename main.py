@@ -753,11 +753,4 @@ def _default_valid(data_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    D.run_cli(main, {TrainingError: 3})

@@ -107,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    D.run_cli(main)

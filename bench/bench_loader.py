@@ -27,7 +27,6 @@ negatives, forward, backward, clip, AdamW step) on the same data, in samples/s.
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -310,8 +309,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    D.run_cli(main)

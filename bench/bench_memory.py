@@ -268,8 +268,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    D.run_cli(main)

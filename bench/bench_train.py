@@ -25,7 +25,6 @@ measured fp32 GEMM peak (a 2048^3 torch.mm, median of 5, same process and thread
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -161,8 +160,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    D.run_cli(main)

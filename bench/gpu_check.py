@@ -271,8 +271,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except D.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    D.run_cli(lambda: sys.exit(main()))
