@@ -77,22 +77,14 @@ def public_run(name, flags, seed, data, out, epochs, fmt):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import torch
 
-    import infer
     import public
     run = os.path.join(out, f"{name}_s{seed}")
-    env = dict(os.environ, TRAIN_DATA_PATH=os.path.join(data, "train"), TRAIN_LOG_PATH=os.path.join(run, "logs"),
-               TRAIN_TF_EVENTS_PATH=os.path.join(run, "tb"), TRAIN_CKPT_PATH=os.path.join(run, "ckpt"),
-               USER_CACHE_PATH=os.path.join(run, "cache"))
-    base = public.RECOMMENDED[fmt]
     t0 = time.time()
-    subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *base, *flags, "--num_epochs", str(epochs),
-                    "--valid_dir", "none", "--seed", str(seed), "--resume", "none"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *public.RECOMMENDED[fmt], *flags, "--num_epochs",
+                    str(epochs), "--valid_dir", "none", "--seed", str(seed), "--resume", "none"],
+                   env=public.run_env(data, run), check=True, stdout=subprocess.DEVNULL)
     train_s = time.time() - t0
-    model, data_cfg, _ = infer.load_model(os.path.join(run, "ckpt"), torch.device("cpu"))
-    valid, train = os.path.join(data, "valid"), os.path.join(data, "train")
-    table, _, _ = infer.prepare_tables(data_cfg, valid, train, os.path.join(run, "cache"))
-    m = infer.evaluate_folder(model, data_cfg, table, valid, train, torch.device("cpu"))
+    m = public.split_metrics(run, data, "valid", torch.device("cpu"))[0]
     m["train_s"] = train_s
     return m
 

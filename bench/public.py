@@ -50,7 +50,25 @@ def get_args():
     return p.parse_args()
 
 
-def test_metrics(ckpt_root, data, out_json, mask_history):
+def run_env(data, run):
+    """main.py's environment for one run: train folder of DATA, logs/checkpoints/cache under RUN."""
+    return dict(os.environ, TRAIN_DATA_PATH=os.path.join(data, "train"), TRAIN_LOG_PATH=os.path.join(run, "logs"),
+                TRAIN_TF_EVENTS_PATH=os.path.join(run, "tb"), TRAIN_CKPT_PATH=os.path.join(run, "ckpt"),
+                USER_CACHE_PATH=os.path.join(run, "cache"))
+
+
+def split_metrics(run, data, split, device, mask_history=True):
+    """Full-ranking metrics of RUN's checkpoint (best.json's pick) on DATA/split; also returns
+    what scoring it further needs: (metrics, model, table, builder, indexer, checkpoint path)."""
+    import infer
+    model, data_cfg, path = infer.load_model(os.path.join(run, "ckpt"), device)
+    folder, train = os.path.join(data, split), os.path.join(data, "train")
+    table, builder, indexer = infer.prepare_tables(data_cfg, folder, train, os.path.join(run, "cache"))
+    m = infer.evaluate_folder(model, data_cfg, table, folder, train, device, mask_history=mask_history)
+    return m, model, table, builder, indexer, path
+
+
+def test_metrics(run, data, out_json, mask_history):
     """Score the test split with the validation-selected checkpoint; write result_test.json."""
     import numpy as np
     import torch
@@ -59,11 +77,7 @@ def test_metrics(ckpt_root, data, out_json, mask_history):
     import infer
     import retrieval_torch as R
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, data_cfg, path = infer.load_model(ckpt_root, device)
-    table, builder, indexer = infer.prepare_tables(data_cfg, os.path.join(data, "test"), os.path.join(data, "train"),
-                                                   os.path.join(os.path.dirname(ckpt_root), "cache"))
-    m = infer.evaluate_folder(model, data_cfg, table, os.path.join(data, "test"), os.path.join(data, "train"), device,
-                              mask_history=mask_history)
+    m, model, table, builder, indexer, path = split_metrics(run, data, "test", device, mask_history)
     args = argparse.Namespace(batch_size=256, cand_batch_size=4096, num_workers=0)
     users, q, hist, cids, _, c, rows = infer.export(model, table, builder, indexer, os.path.join(data, "test"), device, args)
     exclude = infer.history_exclude(hist, rows) if mask_history else None
@@ -81,14 +95,12 @@ def main():
     rows = []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         run = os.path.join(a.out, f"{a.name}_seed{seed}")
-        env = dict(os.environ, TRAIN_DATA_PATH=os.path.join(data, "train"), TRAIN_LOG_PATH=os.path.join(run, "logs"),
-                   TRAIN_TF_EVENTS_PATH=os.path.join(run, "tb"), TRAIN_CKPT_PATH=os.path.join(run, "ckpt"),
-                   USER_CACHE_PATH=os.path.join(run, "cache"))
+        env = run_env(data, run)
         cmd = [sys.executable, "-u", os.path.join(ROOT, "main.py"), *RECOMMENDED[a.format], "--seed", str(seed),
                "--valid_dir", os.path.join(data, "valid"), *a.main_args]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True)
-        m, path = test_metrics(os.path.join(run, "ckpt"), data, os.path.join(run, "result_test.json"),
+        m, path = test_metrics(run, data, os.path.join(run, "result_test.json"),
                                not a.no_mask_history)
         m["checkpoint"] = os.path.relpath(path, a.out)
         rows.append(m)
