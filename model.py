@@ -75,6 +75,14 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
 
 
+def small_init_(emb, std):
+    """Rows N(0, std), the padding row (if any) kept at zero: small-init mode's embedding init."""
+    nn.init.normal_(emb.weight, std=std)
+    if emb.padding_idx is not None:
+        with torch.no_grad():
+            emb.weight[emb.padding_idx].zero_()
+
+
 def make_norm(kind, d):
     return RMSNorm(d) if kind == "rmsnorm" else nn.LayerNorm(d)
 
@@ -117,9 +125,7 @@ class FeatureTower(nn.Module):
             # small-init mode (see GenerativeRecommender): rows N(0, init_std), zero biases, so
             # the tower's output starts item-specific instead of one shared bias vector
             for emb in [self.id_emb, *self.sparse, *self.array]:
-                nn.init.normal_(emb.weight, std=init_std)
-                with torch.no_grad():
-                    emb.weight[0].zero_()
+                small_init_(emb, init_std)
             for lin in [*self.proj, *self.mm, self.ctr]:
                 if isinstance(lin, nn.Linear):
                     nn.init.zeros_(lin.bias)
@@ -296,10 +302,7 @@ class GenerativeRecommender(nn.Module):
             for emb in [self.type_emb, self.action_emb, self.pos_emb, self.next_action_emb,
                         *(self.time_emb.values() if cfg.use_timefeat else [])]:
                 if emb is not None:
-                    nn.init.normal_(emb.weight, std=cfg.emb_init_std)
-                    if emb.padding_idx is not None:
-                        with torch.no_grad():
-                            emb.weight[emb.padding_idx].zero_()
+                    small_init_(emb, cfg.emb_init_std)
         if cfg.use_rope:
             dh = cfg.dqk if cfg.encoder_type == "hstu" else d // cfg.num_heads
             self.register_buffer("rope_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh),
