@@ -23,8 +23,6 @@ import torch
 
 import benchlib as B
 import dataset as D
-import main as M
-from model import GenerativeRecommender
 
 RECOMMENDED = ["--use_ctr", "--use_timefeat", "--use_rel_bias=1", "--norm_first", "--norm_type=rmsnorm",
                "--encoder_type=hstu", "--action_cond", "--maxlen", "64"]
@@ -32,17 +30,12 @@ RECOMMENDED = ["--use_ctr", "--use_timefeat", "--use_rel_bias=1", "--norm_first"
 
 def write_checkpoint(train_dir, cache_dir, path):
     """A project checkpoint (model + its configs) of the recommended flags, untrained."""
-    args = M.get_args(RECOMMENDED)
-    ctr = B.ensure_ctr(train_dir, cache_dir)
-    cfg = D.DataConfig(maxlen=args.maxlen, use_timefeat=True, use_userctr=True, use_itemctr=True,
-                       mm_emb_id=M.resolve_mm(args, train_dir))
-    cfg, *_ = D.load_train_data(train_dir, cfg, cache_dir, ctr)
-    torch.manual_seed(0)
-    model = GenerativeRecommender(M.model_config(args, cfg))
+    B.ensure_ctr(train_dir, cache_dir)
+    s = B.build_training(RECOMMENDED, train_dir, cache_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-                "data_config": dataclasses.asdict(cfg)}, path)
-    return model.cfg.hidden_units
+    torch.save({"model": s.model.state_dict(), "model_config": dataclasses.asdict(s.model_cfg),
+                "data_config": dataclasses.asdict(s.data_cfg)}, path)
+    return s.model_cfg.hidden_units
 
 
 def run_infer(data, cache, ckpt, result):
