@@ -116,19 +116,18 @@ def export(model, table, builder, indexer, eval_dir, device, args, verbose=False
     rows = table.extend(cids.tolist(), feats)
     del feats
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    cand, n = None, 0
+    d = model.cfg.hidden_units                     # width of query and item vectors alike
+    cand, n = np.empty((len(rows), d), np.float32), 0
     for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, args.cand_batch_size), batch_size=None):
         with amp:
             v = model.item_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
-        if cand is None:
-            cand = np.empty((len(rows), v.shape[1]), np.float32)
         cand[n:n + len(v)], n = v, n + len(v)
     t1 = time.time()
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=D.PackedCollate(table))
-    users, hist, queries, n = [], [] if history else None, None, 0
+    users, hist, queries, n = [], [] if history else None, np.empty((len(ds), d), np.float32), 0
     for b in loader:
         users += b.pop("_user")
         h = b.pop("_history")
@@ -136,8 +135,6 @@ def export(model, table, builder, indexer, eval_dir, device, args, verbose=False
             hist += [np.unique(x).astype(np.int32) for x in h]
         with amp:
             v = model.user_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
-        if queries is None:
-            queries = np.empty((len(ds), v.shape[1]), np.float32)
         queries[n:n + len(v)], n = v, n + len(v)
     if verbose:
         t2 = time.time()
