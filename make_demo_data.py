@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -446,13 +447,20 @@ def _chunk(job):
     return "".join(lines).encode(), [len(x) for x in lines], counts, stats, picked
 
 
-def _case(W, p):
-    """An eval user: the predict_seq line (history before the target click), oracle inputs."""
+def _case(W, p, spill):
+    """An eval user: the predict_seq line (history before the target click), oracle inputs.
+
+    The line goes to the `spill` file at once (its place is kept), so memory holds only the
+    small oracle inputs per eval user, not every history: eval users are shuffled before
+    predict_seq.jsonl is written, which needs them all."""
     its, t, j = p["its"], p["t"], len(p["its"]) - 1
     acts = np.where(p["null"], "null", p["click"].astype(int).astype(str))
     recs = _records(W, p["uid"], its[:j], acts, t[:j])
     recs.append(_profile(p["uid"], p["feats"], p["profile_ts"]))
-    return dict(line="[" + ", ".join(recs) + "]\n", raw_uid=p["raw_uid"], target=int(its[j]),
+    line = ("[" + ", ".join(recs) + "]\n").encode()
+    at = spill.seek(0, os.SEEK_END)
+    spill.write(line)
+    return dict(line=(at, len(line)), raw_uid=p["raw_uid"], target=int(its[j]),
                 t=int(t[j]), prev=int(its[j - 1]), gap=float(t[j] - t[j - 1]),
                 seen=np.unique(its[:j] & (SEEN_BITS - 1)), taste=p["taste"])
 
@@ -475,6 +483,7 @@ def generate(args):
     n_chunks = (N + CHUNK - 1) // CHUNK
     jobs = [(c, False, quota) for c in range(n_chunks)]
     procs = None
+    spill = tempfile.TemporaryFile(dir=ev)   # unnamed: gone however the run ends
     if args.workers > 1:
         procs = multiprocessing.get_context("spawn").Pool(args.workers, _init_world, (args,))
     try:
@@ -489,7 +498,7 @@ def generate(args):
                 train_clicks += clk
                 train_expo += expo
                 stats += st
-                cases += [_case(W, p) for p in picked[:quota - len(cases)]]
+                cases += [_case(W, p, spill) for p in picked[:quota - len(cases)]]
     finally:
         if procs:
             procs.terminate()
@@ -501,7 +510,7 @@ def generate(args):
         if len(cases) >= n_warm + ucold:
             break
         picked = _chunk((c, True, ucold))[-1]
-        cases += [_case(W, p) for p in picked[:n_warm + ucold - len(cases)]]
+        cases += [_case(W, p, spill) for p in picked[:n_warm + ucold - len(cases)]]
     n_cold = len(cases) - n_warm
     cases = [cases[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(cases))]
 
@@ -532,22 +541,27 @@ def generate(args):
     poffs, pos = [], 0
     with dataset.atomic_write(os.path.join(ev, "predict_seq.jsonl"), "wb") as f:
         for c in cases:
-            line = c["line"].encode()
+            at, n = c["line"]
+            spill.seek(at)
             poffs.append(pos)
-            f.write(line)
-            pos += len(line)
+            f.write(spill.read(n))
+            pos += n
+    spill.close()
     dataset.dump_pickle(poffs, os.path.join(ev, "predict_seq_offsets.pkl"))
     with dataset.atomic_write(os.path.join(ev, "ground_truth.jsonl"), "w", encoding="utf-8") as f:
         for c in cases:
             gt = {"user_id": c["raw_uid"], "creative_id": int(W.cid[c["target"]])}
             f.write(json.dumps(gt) + "\n")
 
-    sanity = sanity_check(W, cases, pool, train_clicks, train_expo)
+    # the oracle scores the whole pool per eval user: a seeded sample (cases are shuffled) keeps
+    # a 1M-user run from spending hours on a check whose estimate is already tight at 2,000
+    sanity = sanity_check(W, cases[:args.sanity_users], pool, train_clicks, train_expo)
     summary = dict(users=N, items=M, known_items=int((~W.new).sum()), new_items=int(W.new.sum()),
                    train_events=int(stats[0]), click_rate=round(stats[1] / max(stats[0], 1), 4),
                    null_rate=round(stats[2] / max(stats[0], 1), 4), eval_users=len(cases),
                    cold_users=n_cold, pool=len(pool), new_items_in_pool=int(W.new[pool].sum()),
                    new_item_targets=int(W.new[targets].sum()) if len(cases) else 0,
+                   sanity_users=min(len(cases), args.sanity_users),
                    pool_without_mm=int((~W.has_mm[pool]).sum()))
     return dict(summary=summary, sanity=sanity, seconds=round(time.time() - t_start, 1))
 
@@ -638,6 +652,8 @@ def main(argv=None):
     add("--latent_dim", type=int, default=16, help="dimension of the latent taste space")
     add("--workers", type=int, default=1,
         help="processes simulating users in parallel (the output does not depend on it)")
+    add("--sanity_users", type=int, default=2000,
+        help="eval users (a seeded sample) the most-popular / oracle sanity check scores")
     add("--force", action="store_true",
         help="write even if OUT/train/seq.jsonl exists and was not made by this script")
     args = p.parse_args(argv)
@@ -652,9 +668,10 @@ def _check_args(a):
     if a.users < 1 or a.clusters < 1 or not a.clusters <= a.items < 10**7:
         raise DataError(f"need --users >= 1 and 1 <= --clusters <= --items < 10^7 (got "
                         f"{a.users}, {a.clusters}, {a.items})")
-    if not 1 <= a.min_events <= a.max_events or a.cands < 5 or a.eval_users < 0 or a.workers < 1:
+    if not 1 <= a.min_events <= a.max_events or a.cands < 5 or a.eval_users < 0 or a.workers < 1 \
+            or a.sanity_users < 0:
         raise DataError("need 1 <= --min_events <= --max_events, --cands >= 5, "
-                        "--eval_users >= 0, --workers >= 1")
+                        "--eval_users >= 0, --workers >= 1, --sanity_users >= 0")
     if not 0 < a.cutoff < 1 or a.days <= 0 or not 0 <= a.cold_user_frac < 1 or a.mm_dim < 1:
         raise DataError("need 0 < --cutoff < 1, --days > 0, 0 <= --cold_user_frac < 1, "
                         "--mm_dim >= 1")

@@ -220,6 +220,22 @@ def test_same_seed_identical_bytes_other_seed_differs(demo, tmp_path):
     assert (other / "train/seq.jsonl").read_bytes() != (demo / "train/seq.jsonl").read_bytes()
 
 
+def test_sanity_sample_leaves_the_data_unchanged(demo, tmp_path):
+    """--sanity_users only shrinks the check: same files byte for byte (no spill file left
+    behind), and the meta says how many eval users were scored."""
+    small = make(tmp_path / "small", ["--sanity_users", "30"])
+    files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(small) for p in small.rglob("*") if p.is_file())
+    for p in files:
+        if p.name != "demo_meta.json":
+            assert (demo / p).read_bytes() == (small / p).read_bytes(), p
+    meta = json.loads((small / "demo_meta.json").read_text())
+    full = json.loads((demo / "demo_meta.json").read_text())
+    assert meta["summary"]["sanity_users"] == 30
+    assert full["summary"]["sanity_users"] == full["summary"]["eval_users"]
+    assert meta["sanity"] != full["sanity"]
+
+
 def run_cli(*argv):
     return subprocess.run([sys.executable, str(ROOT / "make_demo_data.py"), *argv],
                           capture_output=True, text=True, cwd=ROOT)
