@@ -90,6 +90,7 @@ def get_args(argv=None):
     g.add_argument("--rel_time_buckets", type=int, default=32, help="log2 time-gap buckets")
     flag("--use_abs_pos", True, "learned absolute position embedding (from the window start)")
     flag("--use_senet", False, "squeeze-and-excitation gates over feature blocks (user and item sides)")
+    flag("--use_user_id", True, "user-id embedding in the user token (off: the token carries user features only)")
     flag("--action_cond", False, "tell the encoder the next action (click at inference)")
     flag("--grad_checkpoint", False, "recompute encoder blocks in the backward pass to save memory")
     p.add_argument("--first_epoch_id_item_dropout", type=float, nargs="?", const=0.5, default=0.0,

@@ -47,6 +47,7 @@ class ModelConfig:
     use_abs_pos: bool = True
     use_senet: bool = False
     action_cond: bool = False
+    use_user_id: bool = True          # user-id embedding in the user token (off: features only)
     grad_checkpoint: bool = False
     feat_dim: int = 0                 # width of each feature embedding; 0 = hidden_units
     maxlen: int = 100
@@ -278,7 +279,7 @@ class GenerativeRecommender(nn.Module):
         d, f = cfg.hidden_units, cfg.feat_dim or cfg.hidden_units
         self.item_tower = FeatureTower(cfg.num_items, cfg.item_sparse, cfg.item_array, cfg.mm_dims,
                                        cfg.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std)
-        self.user_tower = FeatureTower(cfg.num_users, cfg.user_sparse, cfg.user_array, {},
+        self.user_tower = FeatureTower(cfg.num_users if cfg.use_user_id else 0, cfg.user_sparse, cfg.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std)
         self.type_emb = nn.Embedding(3, d)
         self.action_emb = nn.Embedding(4, d, padding_idx=0)
@@ -327,7 +328,8 @@ class GenerativeRecommender(nn.Module):
         B, T = tt.shape
         x = self.embed_items(batch, "seq_")[batch["seq_inv"]]            # [U, d] -> [B, T, d]
         x = x * (tt == ITEM_TOKEN).unsqueeze(-1)
-        user = self.user_tower({"id": batch["user_id"], "sparse": batch["user_sparse"],
+        uid = batch["user_id"] if cfg.use_user_id else torch.zeros_like(batch["user_id"])
+        user = self.user_tower({"id": uid, "sparse": batch["user_sparse"],
                                 "array": batch["user_array"]})        # [B, d]
         x = torch.where((tt == USER_TOKEN).unsqueeze(-1), user.unsqueeze(1).to(x.dtype), x)
         x = x + self.type_emb(tt) + self.action_emb(batch["action"])

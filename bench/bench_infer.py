@@ -63,6 +63,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, nargs="+", default=[20000, 200000], help="users per demo folder (ascending)")
     p.add_argument("--items", type=int, default=200000, help="catalogue size = candidates per folder")
+    p.add_argument("--eval_users", type=int, default=None,
+                   help="predict users wanted per folder (default: as many as its users)")
+    p.add_argument("--demo_args", default="", help="extra make_demo_data.py flags, one string "
+                   "(e.g. \"--min_events 50 --mean_events 100\" for TencentGR-1M-like lengths)")
     p.add_argument("--workers", type=int, default=2, help="make_demo_data.py worker processes")
     p.add_argument("--tmp", default="/tmp", help="where the demo folders and outputs go")
     p.add_argument("--no_append", action="store_true", help="print only; do not append to BENCHMARKS.md")
@@ -72,8 +76,9 @@ def main():
         root = os.path.join(a.tmp, f"bench_infer_{n // 1000}k")
         data = os.path.join(root, "data")
         t0 = time.time()
-        train = B.ensure_demo(data, "--users", n, "--items", a.items, "--eval_users", n, "--cands", 64,
-                              "--workers", a.workers)
+        ev = n if a.eval_users is None else a.eval_users
+        train = B.ensure_demo(data, "--users", n, "--items", a.items, "--eval_users", ev, "--cands", 64,
+                              "--workers", a.workers, *a.demo_args.split())
         gen_s = time.time() - t0
         cache, ckpt = os.path.join(root, "cache"), os.path.join(root, "ckpt")
         d = write_checkpoint(train, cache, os.path.join(ckpt, "model.pt"))
@@ -88,7 +93,8 @@ def main():
     ns = sorted(res)
     body = (f"Recommended architecture (`{' '.join(RECOMMENDED)}`), untrained weights; `infer.py --num_workers 1` "
             f"in a fresh process per row; demo folders from `make_demo_data.py --users N --items {a.items} "
-            f"--eval_users N --cands 64` (the eval split keeps users with events after the cutoff).\n\n{table}")
+            f"--eval_users {'N' if a.eval_users is None else a.eval_users} --cands 64 {a.demo_args}`"
+            f" (the eval split keeps users with events after the cutoff).\n\n{table}")
     if len(ns) > 1:
         lo, hi = res[ns[0]], res[ns[-1]]
         body += (f"\n\n{hi['users'] / lo['users']:.1f}x the predict users: peak RSS "

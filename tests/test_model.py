@@ -205,3 +205,21 @@ def test_small_init_mode_sets_every_table_and_zero_tower_biases():
         v = F.normalize(small.item_tower(x), dim=-1)
     off = (v @ v.T)[~torch.eye(n, dtype=torch.bool)]
     assert float(off.mean()) < 0.5
+
+
+def test_user_id_switch():
+    """use_user_id=False: the user's id never reaches the output (its features still do), and the
+    user tower keeps no per-user rows; with the id on, changing it changes the output."""
+    torch.manual_seed(0)
+    a = make_batch()
+    b = {k: v.clone() for k, v in a.items()}
+    b["user_id"] = a["user_id"] % 20 + 1                 # ids 1..20: every one moves
+    assert (b["user_id"] != a["user_id"]).all()
+    off = M.GenerativeRecommender(make_cfg(use_user_id=False)).eval()
+    assert off.user_tower.id_emb.num_embeddings == 1
+    torch.testing.assert_close(off.encode(pack(a)), off.encode(pack(b)))
+    c = {k: v.clone() for k, v in a.items()}
+    c["user_sparse"] = (a["user_sparse"] + 1) % 5
+    assert not torch.allclose(off.encode(pack(a)), off.encode(pack(c)))
+    on = M.GenerativeRecommender(make_cfg()).eval()
+    assert not torch.allclose(on.encode(pack(a)), on.encode(pack(b)))
