@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -102,7 +103,7 @@ def main():
     print(body)
     if not a.no_append:
         B.append_benchmarks("Inference at scale (bench/bench_infer.py)", body,
-                            "python bench/bench_infer.py " + " ".join(sys.argv[1:]))
+                            "python bench/bench_infer.py " + shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
