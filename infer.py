@@ -162,10 +162,14 @@ def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
     D.dump_json({str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())},
                 os.path.join(result_dir, "retrive_id2creative_id.json"))
     exclude = history_exclude(hist, rows) if args.mask_history else None
-    _, idx = R.search(q, c, min(args.top_k, len(cids)), backend=args.retrieval_backend, exclude=exclude,
-                      device=device)
+    return top_k_ids(q, c, cids, args.top_k, exclude, backend=args.retrieval_backend, device=device), users
+
+
+def top_k_ids(q, c, cids, k, exclude, **search_kw):
+    """Each query's top-k creative ids (candidates in `exclude` never returned)."""
+    _, idx = R.search(q, c, min(k, len(cids)), exclude=exclude, **search_kw)
     # a slot no unmasked candidate can fill comes back as -1: leave it out rather than invent one
-    return [[int(cids[j]) for j in row if j >= 0] for row in np.asarray(idx)], users
+    return [[int(cids[j]) for j in row if j >= 0] for row in np.asarray(idx)]
 
 
 def infer():
@@ -179,9 +183,12 @@ def infer():
 
 
 @torch.no_grad()
-def evaluate_folder(model, data_cfg, table, eval_dir, train_dir, device, mask_history=True, ks=(10, 50, 200)):
+def evaluate_folder(model, data_cfg, table, eval_dir, train_dir, device, mask_history=True, ks=(10, 50, 200),
+                    top_k=0):
     """Full-ranking metrics on an eval-layout folder with ground_truth.jsonl (validation/test):
-    every candidate is ranked, the user's input history masked, ties counted against the target."""
+    every candidate is ranked, the user's input history masked, ties counted against the target.
+    With top_k > 0, returns (metrics, users, each user's top-k creative ids) from the same
+    vectors, its history masked whole: what a result file holds."""
     import evaluate as E
     was_training = model.training
     model.eval()
@@ -194,12 +201,13 @@ def evaluate_folder(model, data_cfg, table, eval_dir, train_dir, device, mask_hi
     col = {int(ci): i for i, ci in enumerate(cids.tolist())}
     keep = [i for i, u in enumerate(users) if u in gt and int(gt[u]) in col]
     target = np.array([col[int(gt[users[i]])] for i in keep], np.int64)
-    exclude = history_exclude([hist[i] for i in keep], rows) if mask_history else None
-    if exclude is not None:
-        exclude = [e[e != t] for e, t in zip(exclude, target)]
+    masked = history_exclude(hist, rows) if mask_history else None
+    # a target the user saw before stays rankable: masking it would make it unreachable
+    exclude = None if masked is None else [masked[i][masked[i] != t] for i, t in zip(keep, target)]
     ranks = R.target_ranks(q[keep], c, target, exclude=exclude)
     ranks = np.concatenate([ranks, np.full(len(gt) - len(keep), np.iinfo(np.int64).max)])
-    return E.metrics_from_ranks(ranks, ks)
+    m = E.metrics_from_ranks(ranks, ks)
+    return (m, users, top_k_ids(q, c, cids, top_k, masked)) if top_k else m
 
 
 def main():

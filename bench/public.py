@@ -62,32 +62,25 @@ def run_env(data, run):
                 USER_CACHE_PATH=os.path.join(run, "cache"))
 
 
-def split_metrics(run, data, split, device, mask_history=True):
-    """Full-ranking metrics of RUN's checkpoint (best.json's pick) on DATA/split; also returns
-    what scoring it further needs: (metrics, model, table, builder, indexer, checkpoint path)."""
+def split_metrics(run, data, split, device, mask_history=True, top_k=0):
+    """Full-ranking metrics of RUN's checkpoint (best.json's pick) on DATA/split (with top_k,
+    infer.evaluate_folder's (metrics, users, top-k ids)), and the checkpoint's path."""
     import infer
     model, data_cfg, path = infer.load_model(os.path.join(run, "ckpt"), device)
     folder, train = os.path.join(data, split), os.path.join(data, "train")
-    table, builder, indexer = infer.prepare_tables(data_cfg, folder, train, os.path.join(run, "cache"))
-    m = infer.evaluate_folder(model, data_cfg, table, folder, train, device, mask_history=mask_history)
-    return m, model, table, builder, indexer, path
+    table, _, _ = infer.prepare_tables(data_cfg, folder, train, os.path.join(run, "cache"))
+    return infer.evaluate_folder(model, data_cfg, table, folder, train, device, mask_history=mask_history,
+                                 top_k=top_k), path
 
 
 def test_metrics(run, data, out_json, mask_history):
     """Score the test split with the validation-selected checkpoint; write result_test.json."""
-    import numpy as np
     import torch
 
     import dataset as D
-    import infer
-    import retrieval_torch as R
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m, model, table, builder, indexer, path = split_metrics(run, data, "test", device, mask_history)
-    args = argparse.Namespace(batch_size=256, cand_batch_size=4096, num_workers=0)
-    users, q, hist, cids, _, c, rows = infer.export(model, table, builder, indexer, os.path.join(data, "test"), device, args)
-    exclude = infer.history_exclude(hist, rows) if mask_history else None
-    _, idx = R.search(q, c, 10, exclude=exclude)
-    D.dump_json({"time": 0, "top10s": cids[np.asarray(idx)].tolist(), "user": users}, out_json)
+    (m, users, top10s), path = split_metrics(run, data, "test", device, mask_history, top_k=10)
+    D.dump_json({"time": 0, "top10s": top10s, "user": users}, out_json)
     return m, path
 
 
