@@ -79,7 +79,7 @@ def main():
         t0 = time.time()
         ev = n if a.eval_users is None else a.eval_users
         train = B.ensure_demo(data, "--users", n, "--items", a.items, "--eval_users", ev, "--cands", 64,
-                              "--workers", a.workers, *a.demo_args.split())
+                              "--workers", a.workers, *shlex.split(a.demo_args))
         gen_s = time.time() - t0
         cache, ckpt = os.path.join(root, "cache"), os.path.join(root, "ckpt")
         d = write_checkpoint(train, cache, os.path.join(ckpt, "model.pt"))

@@ -57,8 +57,10 @@ def machine():
 
 def ensure_demo(out, *extra):
     """make_demo_data.py --out OUT (reused when already generated with the same arguments)."""
-    subprocess.run([sys.executable, os.path.join(ROOT, "make_demo_data.py"), "--out", out, *map(str, extra)],
-                   check=True, stdout=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "make_demo_data.py"), "--out", out, *map(str, extra)],
+                       stdout=subprocess.DEVNULL)
+    if r.returncode:   # its own one-line reason is already on stderr
+        raise D.DataError(f"make_demo_data.py --out {out} {' '.join(map(str, extra))}: exit {r.returncode}")
     return os.path.join(out, "train")
 
 
