@@ -57,7 +57,7 @@ from array import array
 import numpy as np
 from tqdm import tqdm
 
-from dataset import DataError, atomic_write, dump_json, dump_pickle
+from layout import DataError, atomic_write, dump_json, dump_pickle
 
 FID_AGE, FID_GENDER, FID_OCC, FID_ZIP, FID_YEAR, FID_TAGS = "103", "104", "105", "109", "112", "125"
 FEATURE_NAMES = {FID_AGE: "age_bucket", FID_GENDER: "gender", FID_OCC: "occupation",

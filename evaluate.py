@@ -18,7 +18,8 @@ import sys
 
 import numpy as np
 
-from dataset import DataError, load_pickle
+from layout import DataError, iter_jsonl, load_pickle, read_json
+from precompute_ctr import count_events
 
 W_HR, W_NDCG = 0.31, 0.69
 
@@ -86,25 +87,10 @@ def metrics_from_ranks(ranks, ks=(10, 50, 200)):
 # ---------------------------------------------------------------------------------------------
 
 
-def _jsonl(path):
-    """Yield (line number, parsed value) for each non-blank line; one-line DataError on bad JSON."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    with open(path, "r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-
-
 def read_ground_truth(path):
     """jsonl {"user_id": ..., "creative_id": ...} -> {raw user id str: creative id}."""
     gt = {}
-    for n, rec in _jsonl(path):
+    for n, rec in iter_jsonl(path):
         if not isinstance(rec, dict) or "user_id" not in rec or "creative_id" not in rec:
             raise DataError(f"{path}:{n}: expected an object with user_id and creative_id")
         u = str(rec["user_id"])
@@ -117,13 +103,7 @@ def read_ground_truth(path):
 def read_result(path):
     """result.json {"time": s, "top10s": [[...]], "user": [...]} -> (top10s, users, time)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            res = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    res = read_json(path)
     if not isinstance(res, dict) or "top10s" not in res or "user" not in res:
         raise DataError(f"{path}: expected an object with keys top10s and user")
     tops, users = res["top10s"], res["user"]
@@ -157,7 +137,7 @@ def predict_pool(eval_dir):
     """Candidate creative ids of eval_dir/predict_set.jsonl, in file order."""
     path = os.path.join(eval_dir, "predict_set.jsonl")
     pool = []
-    for n, rec in _jsonl(path):
+    for n, rec in iter_jsonl(path):
         if not isinstance(rec, dict) or "creative_id" not in rec:
             raise DataError(f"{path}:{n}: expected an object with creative_id")
         pool.append(_cid(rec["creative_id"]))
@@ -169,7 +149,7 @@ def predict_users(eval_dir, indexer):
     path = os.path.join(eval_dir, "predict_seq.jsonl")
     reid2user = {v: str(u) for u, v in indexer["u"].items()}
     users = []
-    for n, seq in _jsonl(path):
+    for n, seq in iter_jsonl(path):
         if not isinstance(seq, list) or not seq or not isinstance(seq[0], list) or not seq[0]:
             raise DataError(f"{path}:{n}: expected a non-empty array of records [user_id, ...]")
         u = seq[0][0]
@@ -179,25 +159,14 @@ def predict_users(eval_dir, indexer):
     return users
 
 
-def item_popularity(train_dir, indexer):
-    """{creative id: (clicks, events)} over the item records of train_dir/seq.jsonl (streamed).
-    A click is action 1 (or a deeper action 2); a null action is an exposure."""
-    path = os.path.join(train_dir, "seq.jsonl")
-    reid2cid = {v: _cid(c) for c, v in indexer["i"].items()}
-    clicks, events = {}, {}
-    for n, seq in _jsonl(path):
-        if not isinstance(seq, list):
-            raise DataError(f"{path}:{n}: expected a JSON array of records")
-        for rec in seq:
-            if not isinstance(rec, list) or len(rec) < 5:
-                raise DataError(f"{path}:{n}: expected 6-element records, got {rec!r:.60}")
-            item = rec[1]
-            if item is None or isinstance(item, bool) or not isinstance(item, int):
-                continue
-            events[item] = events.get(item, 0) + 1
-            if rec[4] in (1, 2):
-                clicks[item] = clicks.get(item, 0) + 1
-    return {reid2cid[i]: (clicks.get(i, 0), e) for i, e in events.items() if i in reid2cid}
+def item_popularity(train_dir: str, indexer: dict) -> dict:
+    """{creative id: (clicks, events)} over the item records of train_dir/seq.jsonl, counted by
+    precompute_ctr.count_events (streamed, every record checked). A click is action 1 (or a
+    deeper action 2); a null action is an exposure."""
+    c = count_events(os.path.join(train_dir, "seq.jsonl"))
+    reid2cid = {v: _cid(cid) for cid, v in indexer["i"].items()}
+    return {reid2cid[i]: (clicks, events) for i, clicks, events in
+            zip(c["item_ids"].tolist(), c["item_clicks"].tolist(), c["item_events"].tolist()) if i in reid2cid}
 
 
 def most_popular_topk(train_dir, eval_dir, k=10):

@@ -9,8 +9,7 @@ no training flag is repeated. Unlike the official baseline, the user's newest ev
 its context.
 """
 import argparse
-import glob
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -18,10 +17,11 @@ import time
 import numpy as np
 import torch
 
+import checkpoint as C
 import dataset as D
 import dataset_packed as P
 import retrieval_torch as R
-from model import GenerativeRecommender, ModelConfig
+from layout import DataError, dump_json, load_pickle, read_item_feat_dict, run_cli
 
 
 def get_args(argv=None):
@@ -41,63 +41,38 @@ def get_args(argv=None):
     return args
 
 
-def find_checkpoint(path):
-    """A model.pt, a global_step folder, or a root of them (best.json's pick, else the newest
-    complete one: a folder counts once its meta.json exists)."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, "model.pt")):
-        return os.path.join(path, "model.pt")
-    best = os.path.join(path, "best.json")
-    if os.path.exists(best):
-        cand = os.path.join(path, D.read_json(best)["path"], "model.pt")
-        if os.path.exists(cand):
-            return cand
-    steps = [d for d in glob.glob(os.path.join(path, "global_step*")) if os.path.exists(os.path.join(d, "meta.json"))]
-    if not steps:
-        raise D.DataError(f"{path}: no checkpoint (looked for model.pt or global_step*/meta.json)")
-    newest = max(steps, key=lambda d: int(d.rsplit("global_step", 1)[1]))
-    return os.path.join(newest, "model.pt")
-
-
-def load_model(ckpt, device):
-    """Rebuild the model from the checkpoint's configs (weights_only: no code runs on load)."""
-    path = find_checkpoint(ckpt)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model_cfg, data_cfg = ModelConfig(**state["model_config"]), D.DataConfig(**state["data_config"])
-    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
-        raise D.DataError(f"{path}: not a checkpoint of this project ({str(e).splitlines()[0][:120]})") from None
-    model = GenerativeRecommender(model_cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
-        raise D.DataError(f"{path}: weights do not match the model config ({detail[:160]})") from None
+def load_model(ckpt: str, device: torch.device, verbose: bool = False) -> tuple:
+    """(model in eval mode on `device`, DataConfig, model.pt path) from a checkpoint file, folder
+    or root (best by validation, else the newest complete one). FORCE_USE_TIMEFEAT=0/1
+    overrides the checkpoint's time-feature setting."""
+    model, data_cfg, path, why = C.load_for_inference(ckpt)
+    if verbose:
+        print(f"checkpoint: {path} ({why})", flush=True)
     force = os.environ.get("FORCE_USE_TIMEFEAT")
     if force is not None and bool(int(force)) != data_cfg.use_timefeat:
-        if bool(int(force)) and not model_cfg.use_timefeat:
-            raise D.DataError(f"{path}: FORCE_USE_TIMEFEAT=1 but the checkpoint was trained without time features")
-        data_cfg.use_timefeat = model.cfg.use_timefeat = bool(int(force))
-    return model.to(device).eval(), data_cfg, path
+        if bool(int(force)) and not model.cfg.use_timefeat:
+            raise DataError(f"{path}: FORCE_USE_TIMEFEAT=1 but the checkpoint was trained without time features")
+        data_cfg = dataclasses.replace(data_cfg, use_timefeat=bool(int(force)))
+        model.cfg = dataclasses.replace(model.cfg, use_timefeat=bool(int(force)))
+    return model.to(device), data_cfg, path
 
 
 def _artifact_dir(name, *dirs):
     for d in dirs:
         if d and os.path.exists(os.path.join(d, name)):
             return d
-    raise D.DataError(f"{name}: not found in any of {', '.join(d for d in dirs if d)}")
+    raise DataError(f"{name}: not found in any of {', '.join(d for d in dirs if d)}")
 
 
-def prepare_tables(data_cfg, eval_dir, train_dir, cache_dir):
-    """Item table and sequence builder for inference, from the checkpoint's schema."""
+def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_dir: str) -> tuple:
+    """Item table, sequence builder and indexer for inference, from the checkpoint's schema."""
     art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
-    indexer = D.load_pickle(os.path.join(art, "indexer.pkl"))
-    item_feat_dict = D.read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
+    indexer = load_pickle(os.path.join(art, "indexer.pkl"))
+    item_feat_dict = read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
                                                         "item_feat_dict.json"))
     ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))
-    item_ctr = D.load_ctr_for(D.DataConfig(**{**D.asdict(data_cfg), "ctr_meta": {}}), ctr_dir, "seq.jsonl") \
-        if data_cfg.use_itemctr else None
+    # counts from the CTR folder; the standardisation stays the checkpoint's (data_cfg.ctr_meta)
+    item_ctr = D.load_ctr_for(data_cfg, ctr_dir, "seq.jsonl")[0] if data_cfg.use_itemctr else None
     emb_dir = next((os.path.join(d, "creative_emb") for d in (eval_dir, train_dir)
                     if d and os.path.isdir(os.path.join(d, "creative_emb"))), None)
     table = D.ItemTable(data_cfg, indexer, item_feat_dict, emb_dir, cache_dir, item_ctr)
@@ -105,7 +80,8 @@ def prepare_tables(data_cfg, eval_dir, train_dir, cache_dir):
 
 
 @torch.no_grad()
-def export(model, table, builder, indexer, eval_dir, device, args, verbose=False, history=True):
+def export(model, table: D.ItemTable, builder: D.SequenceBuilder, indexer: dict, eval_dir: str, device, args,
+           verbose: bool = False, history: bool = True) -> tuple:
     """-> users (raw ids), queries [U, d], per-user history candidate rows (None unless
     `history`), candidate creative ids, retrieval ids, candidate vectors [N, d].
 
@@ -126,7 +102,7 @@ def export(model, table, builder, indexer, eval_dir, device, args, verbose=False
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=D.PackedCollate(table))
+                                         collate_fn=P.PackedCollate(table))
     users, hist, queries, n = [], [] if history else None, np.empty((len(ds), d), np.float32), 0
     for b in loader:
         users += b.pop("_user")
@@ -143,15 +119,15 @@ def export(model, table, builder, indexer, eval_dir, device, args, verbose=False
     return users, queries, hist, cids, rids, cand, rows
 
 
-def history_exclude(hist, cand_rows):
+def history_exclude(hist: list, cand_rows: np.ndarray) -> list:
     """Candidate indices of each user's history items (for --mask_history / full ranking)."""
     pos = {int(r): i for i, r in enumerate(cand_rows) if r > 0}
     return [np.array(sorted({pos[r] for r in h.tolist() if r in pos}), np.int64) for h in hist]
 
 
-def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
+def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_dir: str = None) -> tuple:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, data_cfg, path = load_model(ckpt, device)
+    model, data_cfg, path = load_model(ckpt, device, verbose=True)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
     users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args, verbose=True,
                                                  history=args.mask_history)
@@ -159,20 +135,20 @@ def run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir=None):
     R.write_fbin(os.path.join(result_dir, "query.fbin"), q)
     R.write_fbin(os.path.join(result_dir, "embedding.fbin"), c)
     R.write_u64bin(os.path.join(result_dir, "id.u64bin"), rids.astype(np.uint64))
-    D.dump_json({str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())},
+    dump_json({str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())},
                 os.path.join(result_dir, "retrive_id2creative_id.json"))
     exclude = history_exclude(hist, rows) if args.mask_history else None
     return top_k_ids(q, c, cids, args.top_k, exclude, backend=args.retrieval_backend, device=device), users
 
 
-def top_k_ids(q, c, cids, k, exclude, **search_kw):
+def top_k_ids(q: np.ndarray, c: np.ndarray, cids: np.ndarray, k: int, exclude, **search_kw) -> list:
     """Each query's top-k creative ids (candidates in `exclude` never returned)."""
     _, idx = R.search(q, c, min(k, len(cids)), exclude=exclude, **search_kw)
     # a slot no unmasked candidate can fill comes back as -1: leave it out rather than invent one
     return [[int(cids[j]) for j in row if j >= 0] for row in np.asarray(idx)]
 
 
-def infer():
+def infer() -> tuple:
     """Harness entry point: environment-driven, returns (top10s, user_list)."""
     args = get_args(sys.argv[1:])
     return run(args, os.environ.get("EVAL_DATA_PATH", "data/demo/eval"),
@@ -183,8 +159,8 @@ def infer():
 
 
 @torch.no_grad()
-def evaluate_folder(model, data_cfg, table, eval_dir, train_dir, device, mask_history=True, ks=(10, 50, 200),
-                    top_k=0):
+def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir: str, train_dir: str, device,
+                    mask_history: bool = True, ks=(10, 50, 200), top_k: int = 0):
     """Full-ranking metrics on an eval-layout folder with ground_truth.jsonl (validation/test):
     every candidate is ranked, the user's input history masked, ties counted against the target.
     With top_k > 0, returns (metrics, users, each user's top-k creative ids) from the same
@@ -192,7 +168,7 @@ def evaluate_folder(model, data_cfg, table, eval_dir, train_dir, device, mask_hi
     import evaluate as E
     was_training = model.training
     model.eval()
-    indexer = D.load_pickle(os.path.join(_artifact_dir("indexer.pkl", eval_dir, train_dir), "indexer.pkl"))
+    indexer = load_pickle(os.path.join(_artifact_dir("indexer.pkl", eval_dir, train_dir), "indexer.pkl"))
     builder = D.SequenceBuilder(data_cfg, table, indexer.get("u", {}))
     args = argparse.Namespace(batch_size=256, cand_batch_size=4096, num_workers=0)
     users, q, hist, cids, _, c, rows = export(model, table, builder, indexer, eval_dir, device, args)
@@ -215,10 +191,10 @@ def main():
     t0 = time.time()
     top10s, users = infer()
     result_dir = os.environ.get("EVAL_RESULT_PATH", "runs/result")
-    D.dump_json({"time": round(time.time() - t0, 3), "top10s": top10s, "user": users},
+    dump_json({"time": round(time.time() - t0, 3), "top10s": top10s, "user": users},
                 os.path.join(result_dir, "result.json"))
     print(f"{len(users)} users, top-{args.top_k} in {time.time() - t0:.1f}s -> {result_dir}/result.json")
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    run_cli(main)

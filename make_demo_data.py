@@ -29,11 +29,10 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-import dataset
-from dataset import DataError
+import layout
+from layout import TZ_OFFSET, DataError
 
 T0 = 1745769600          # 2025-04-28 00:00 China time, near the real data's start
-CN = 8 * 3600            # hour of day is taken in China time (UTC+8)
 DAY = 86400
 CHUNK = 1024             # users simulated together; fixed so output does not depend on it
 ITEM_FEATS = ["112", "117", "118", "119", "120", "100", "101", "102", "122", "114", "115", "116",
@@ -215,7 +214,7 @@ class World:
 
     def hour_term(self, t, items):
         """Clusters have peak hours (China time), in 10-minute steps."""
-        slot = ((np.asarray(t) + CN) % DAY // 600).astype(np.int64)
+        slot = ((np.asarray(t) + TZ_OFFSET) % DAY // 600).astype(np.int64)
         return self.hour_tab[self.cluster[items], slot]
 
     def score_terms(self, c, items, v):
@@ -243,8 +242,8 @@ def _diurnal(rng, c):
     u = rng.random(len(c))
     hour = np.where(u < 0.3, rng.normal(12.5, 1.2, len(c)),
                     np.where(u < 0.75, rng.normal(20.5, 1.5, len(c)), rng.uniform(7, 24, len(c))))
-    day = np.floor((c + CN) / DAY)
-    return day * DAY - CN + (hour % 24) * 3600
+    day = np.floor((c + TZ_OFFSET) / DAY)
+    return day * DAY - TZ_OFFSET + (hour % 24) * 3600
 
 
 def _timelines(W, rng, n_pre, new_users):
@@ -338,7 +337,7 @@ def simulate_users(W, rng, B, new_users):
         vc = np.take(W.V, cand.ravel(), axis=0).reshape(na, C, -1)
         s = np.matmul(vc, w[:, :, None])[:, :, 0]
         s += lp - (tj - W.bucket_t[b]).astype(np.float32)[:, None] * np.take(W.inv_tau, cand)
-        s += W.hour_tab[kc, ((tj + CN) % DAY // 600)[:, None]]
+        s += W.hour_tab[kc, ((tj + TZ_OFFSET) % DAY // 600)[:, None]]
         s -= SEEN_PENALTY * np.take(seen, (rows * SEEN_BITS)[:, None] + (cand & (SEEN_BITS - 1)))
         # Gumbel-max sampling of softmax(s - log q), written as an exponential race.
         s -= np.log(np.maximum(q * rng.standard_exponential(q.shape, dtype=np.float32), 1e-37))
@@ -488,7 +487,7 @@ def generate(args):
         procs = multiprocessing.get_context("spawn").Pool(args.workers, _init_world, (args,))
     try:
         results = procs.imap(_chunk, jobs) if procs else map(_chunk, jobs)
-        with dataset.atomic_write(os.path.join(train, "seq.jsonl"), "wb") as fseq:
+        with layout.atomic_write(os.path.join(train, "seq.jsonl"), "wb") as fseq:
             pos = 0
             for blob, lens, (clk, expo), st, picked in tqdm(
                     results, total=n_chunks, desc="users", disable=not sys.stderr.isatty()):
@@ -514,15 +513,15 @@ def generate(args):
     n_cold = len(cases) - n_warm
     cases = [cases[i] for i in np.random.default_rng([args.seed, 3]).permutation(len(cases))]
 
-    dataset.dump_pickle(offsets, os.path.join(train, "seq_offsets.pkl"))
-    with dataset.atomic_write(os.path.join(train, "item_feat_dict.json"), "w",
+    layout.dump_pickle(offsets, os.path.join(train, "seq_offsets.pkl"))
+    with layout.atomic_write(os.path.join(train, "item_feat_dict.json"), "w",
                               encoding="utf-8") as f:
         f.write("{" + ", ".join(f'"{W.reid[i]}": {W.feat_json[i]}' for i in W.by_reid) + "}")
     u_order = np.argsort([re_id(i) for i in range(N)])
     indexer = {"u": {raw_id(int(i)): r + 1 for r, i in enumerate(u_order)},
                "i": {int(W.cid[i]): int(W.reid[i]) for i in W.by_reid},
                "f": W.indexer_f, "a": {1: 1, 0: 2}}
-    dataset.dump_pickle(indexer, os.path.join(train, "indexer.pkl"))
+    layout.dump_pickle(indexer, os.path.join(train, "indexer.pkl"))
     _write_mm(W, os.path.join(train, "creative_emb"))
 
     targets = np.array([c["target"] for c in cases], np.int64)
@@ -534,12 +533,12 @@ def generate(args):
     else:
         pool = np.arange(M)
     pool = pool[np.random.default_rng([args.seed, 7]).permutation(len(pool))]
-    with dataset.atomic_write(os.path.join(ev, "predict_set.jsonl"), "w", encoding="utf-8") as f:
+    with layout.atomic_write(os.path.join(ev, "predict_set.jsonl"), "w", encoding="utf-8") as f:
         for r, i in enumerate(pool):
             f.write(f'{{"creative_id": {W.cid[i]}, "retrieval_id": {r}, '
                     f'"features": {W.feat_json[i]}}}\n')
     poffs, pos = [], 0
-    with dataset.atomic_write(os.path.join(ev, "predict_seq.jsonl"), "wb") as f:
+    with layout.atomic_write(os.path.join(ev, "predict_seq.jsonl"), "wb") as f:
         for c in cases:
             at, n = c["line"]
             spill.seek(at)
@@ -547,8 +546,8 @@ def generate(args):
             f.write(spill.read(n))
             pos += n
     spill.close()
-    dataset.dump_pickle(poffs, os.path.join(ev, "predict_seq_offsets.pkl"))
-    with dataset.atomic_write(os.path.join(ev, "ground_truth.jsonl"), "w", encoding="utf-8") as f:
+    layout.dump_pickle(poffs, os.path.join(ev, "predict_seq_offsets.pkl"))
+    with layout.atomic_write(os.path.join(ev, "ground_truth.jsonl"), "w", encoding="utf-8") as f:
         for c in cases:
             gt = {"user_id": c["raw_uid"], "creative_id": int(W.cid[c["target"]])}
             f.write(json.dumps(gt) + "\n")
@@ -569,7 +568,7 @@ def generate(args):
 def _write_mm(W, root):
     """emb_81_32.pkl (dict) and a Spark-style emb_82_{dim}/ folder, both keyed by creative_id."""
     have = np.flatnonzero(W.has_mm)
-    dataset.dump_pickle({int(W.cid[i]): W.mm[81][i].copy() for i in have},
+    layout.dump_pickle({int(W.cid[i]): W.mm[81][i].copy() for i in have},
                         os.path.join(root, "emb_81_32.pkl"))
     dim = W.mm[82].shape[1]
     final = os.path.join(root, f"emb_82_{dim}")
@@ -703,7 +702,7 @@ def _run(args):
     res = generate(args)
     meta = {"generator": "make_demo_data.py", "args": key, "summary": res["summary"],
             "sanity": res["sanity"]}   # no timings: same args -> same bytes
-    dataset.dump_json(meta, meta_path, indent=1)
+    layout.dump_json(meta, meta_path, indent=1)
     s, q = res["summary"], res["sanity"]
     print(f"wrote {args.out} in {res['seconds']} s: {s['users']} users, {s['items']} items "
           f"({s['new_items']} launched after the cutoff), {s['train_events']} train events, "

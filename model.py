@@ -11,22 +11,21 @@ Differences from the HSTU paper: softmax attention is the default (the paper's p
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
 that padding changes nothing); relative position/time biases use log buckets of the distance and
 of the time gap between the query's and the key's events; no FFN after HSTU blocks, as in the
-paper. The model knows tensors only: readers build the batch dict (see dataset.PackedCollate).
+paper. The model knows tensors only: readers build the batch dict (see dataset_packed.PackedCollate).
 """
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-PAD, USER_TOKEN, ITEM_TOKEN = 0, 1, 2      # token types, as written by dataset.SequenceBuilder
-CLICK = 2                                   # action ids are action_type + 1; 0 is padding
-TIME_VOCAB = {"hour": 25, "weekday": 8, "week": 54, "gap_bucket": 32}
+from layout import CLICK, ITEM_TOKEN, PAD, TIME_VOCAB, USER_TOKEN
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     encoder_type: str = "hstu"        # hstu | transformer
     hidden_units: int = 64
@@ -63,7 +62,13 @@ class ModelConfig:
     use_userctr: bool = False
     use_itemctr: bool = False
 
-    def to_dict(self):
+    # Fields added after checkpoints were first written, each with the value that reproduces a
+    # checkpoint written before it existed; renamed and removed fields (checkpoint.config_from_dict).
+    LEGACY: ClassVar[dict] = {}
+    RENAMED: ClassVar[dict] = {}
+    REMOVED: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
@@ -76,7 +81,7 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
 
 
-def small_init_(emb, std):
+def small_init_(emb: nn.Embedding, std: float) -> None:
     """Rows N(0, std), the padding row (if any) kept at zero: small-init mode's embedding init."""
     nn.init.normal_(emb.weight, std=std)
     if emb.padding_idx is not None:
@@ -84,7 +89,7 @@ def small_init_(emb, std):
             emb.weight[emb.padding_idx].zero_()
 
 
-def make_norm(kind, d):
+def make_norm(kind: str, d: int) -> nn.Module:
     return RMSNorm(d) if kind == "rmsnorm" else nn.LayerNorm(d)
 
 
@@ -154,7 +159,7 @@ class FeatureTower(nn.Module):
         return self.proj(b.flatten(-2))                           # [..., d]
 
 
-def rel_pos_bucket(dist, num_buckets):
+def rel_pos_bucket(dist: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Bucket of a non-negative distance: exact below num_buckets/2, log-spaced above (to 1024)."""
     exact = num_buckets // 2
     dist = dist.clamp(min=0)
@@ -163,7 +168,7 @@ def rel_pos_bucket(dist, num_buckets):
     return torch.where(dist < exact, dist, log_b.clamp(max=num_buckets - 1))
 
 
-def rel_time_bucket(gap, num_buckets):
+def rel_time_bucket(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """floor(log2(1 + gap seconds)), capped at num_buckets - 1; negative gaps count as 0."""
     return torch.floor(torch.log2(1.0 + gap.clamp(min=0).double())).long().clamp(max=num_buckets - 1)
 
@@ -249,7 +254,7 @@ class TransformerBlock(nn.Module):
         return x if self.cfg.norm_first else self.norm2(x)
 
 
-def attention(q, k, v, allowed, bias, kind, dropout_p):
+def attention(q, k, v, allowed, bias, kind: str, dropout_p: float) -> torch.Tensor:
     """Masked attention. allowed: bool [B, 1, T, T] (causal, real keys, always self).
 
     softmax goes through scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
@@ -309,7 +314,7 @@ class GenerativeRecommender(nn.Module):
             self.register_buffer("rope_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh),
                                  persistent=False)
 
-    def set_id_dropout(self, p):
+    def set_id_dropout(self, p: float) -> None:
         self.item_tower.id_dropout = self.user_tower.id_dropout = p
 
     @staticmethod
@@ -317,11 +322,11 @@ class GenerativeRecommender(nn.Module):
         n = len(prefix)
         return {k[n:]: v for k, v in batch.items() if k.startswith(prefix)}
 
-    def embed_items(self, batch, prefix):
+    def embed_items(self, batch: dict, prefix: str) -> torch.Tensor:
         """The single item-embedding function: history tokens, targets, negatives, candidates."""
         return self.item_tower({k: v for k, v in self._sub(batch, prefix).items() if k != "inv"})
 
-    def encode(self, batch):
+    def encode(self, batch: dict) -> torch.Tensor:
         """Encoder states [B, T, d] for the token sequence in `batch` (left-padded)."""
         cfg = self.cfg
         tt = batch["token_type"]
@@ -362,19 +367,19 @@ class GenerativeRecommender(nn.Module):
                 x = blk(x, ctx)
         return self.final_norm(x)
 
-    def query(self, h, next_action=None):
+    def query(self, h: torch.Tensor, next_action: torch.Tensor = None) -> torch.Tensor:
         """Query vectors from encoder states; next_action (action id + 1) conditions the head."""
         if self.next_action_emb is not None and next_action is not None:
             h = h + self.next_action_emb(next_action)
         return self.head(h)
 
     @torch.no_grad()
-    def user_vectors(self, batch):
+    def user_vectors(self, batch: dict) -> torch.Tensor:
         """L2-normalised query of each user's newest position, asking for a click next."""
         h = self.encode(batch)[:, -1]
         nxt = torch.full(h.shape[:1], CLICK, dtype=torch.long, device=h.device)
         return F.normalize(self.query(h, nxt).float(), dim=-1)
 
     @torch.no_grad()
-    def item_vectors(self, batch, prefix="cand_"):
+    def item_vectors(self, batch: dict, prefix: str = "cand_") -> torch.Tensor:
         return F.normalize(self.embed_items(batch, prefix).float(), dim=-1)

@@ -13,8 +13,8 @@ Outputs in --output_dir (atomic writes):
                                  "item": {...}, "k_clip", "seq_path", "num_users", ...}
   item_pop.json                 {"head_quantile": q, "head_min_count": H, "counts": {...}}
 ctr_value(c, n, meta[side]) reproduces the stored z exactly; the training reader uses it for a
-leave-one-out value, ctr_value(c - is_click, n - 1, meta[side]). Uses numpy; no torch import
-(dataset.py is imported lazily, for DataError and the atomic writers).
+leave-one-out value, ctr_value(c - is_click, n - 1, meta[side]). Uses numpy and layout.py; no
+torch import. Records are checked by layout.record_problem, like every other reader.
 
   python -u precompute_ctr.py --seq_path $TRAIN_DATA_PATH/seq.jsonl \
       --output_dir $USER_CACHE_PATH/ctr --prior auto --k_clip 10,10000 --logit
@@ -27,6 +27,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from layout import DataError, dump_json, json_type, record_problem
+
 # The moments fit uses entities with at least MIN_EVENTS events (rates of 1-4 events are mostly
 # binomial noise and would inflate the variance); if fewer than MIN_ENTITIES qualify, all
 # entities with >= 1 event are used instead.
@@ -34,9 +36,7 @@ MIN_EVENTS = 5
 MIN_ENTITIES = 10
 STD_FLOOR = 1e-6  # all entities equal -> z = 0 instead of a division by zero
 MEAN_EPS = 1e-6  # keeps alpha, beta > 0 when nobody (or everybody) clicks, so logit stays finite
-MAX_ID = 2**63 - 1
 FLUSH_RECORDS = 1 << 21
-RECORD_LAYOUT = "[user_reid, item_reid, user_feat, item_feat, action_type, timestamp]"
 TABLE_FILES = {"user": "user_ctr.json", "item": "item_ctr.json"}
 META_FILE = "ctr_meta.json"
 ITEM_POP_FILE = "item_pop.json"
@@ -45,13 +45,6 @@ ITEM_POP_FILE = "item_pop.json"
 # ---------------------------------------------------------------------------------------------
 # Counting
 # ---------------------------------------------------------------------------------------------
-
-def _dataset():
-    """dataset.py (DataError, dump_json) imports this module at its top, so import it back only
-    when needed: no circular import, and `import precompute_ctr` stays free of torch."""
-    import dataset
-    return dataset
-
 
 class _Counts:
     """Clicks and events per id, kept as sorted unique ids: memory grows with distinct ids, and
@@ -77,34 +70,6 @@ class _Counts:
         self.c = np.add.reduceat(np.concatenate([self.c, c])[order], start)
 
 
-def _json_type(v):
-    if isinstance(v, bool):
-        return "boolean"
-    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _show(v):
-    s = json.dumps(v)
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
-def _record_problem(rec, k, total):
-    """Why record k (1-based) of a line is invalid, or None if it is fine."""
-    if type(rec) is not list:
-        return f"record {k} of {total} is a JSON {_json_type(rec)}, expected a 6-element array {RECORD_LAYOUT}"
-    if len(rec) != 6:
-        return f"record {k} of {total} has {len(rec)} elements, expected 6 {RECORD_LAYOUT}"
-    u, it, a = rec[0], rec[1], rec[4]
-    if type(u) is not int or not 0 <= u <= MAX_ID:
-        return f"record {k} of {total}: user_reid is {_show(u)}, expected a non-negative integer"
-    if it is not None and (type(it) is not int or not 0 <= it <= MAX_ID):
-        return f"record {k} of {total}: item_reid is {_show(it)}, expected a non-negative integer or null"
-    if a is not None and (type(a) is not int or not 0 <= a <= 2):
-        return f"record {k} of {total}: action_type is {_show(a)}, expected null, 0, 1 or 2"
-    return None
-
-
 def count_events(seq_path, skip_bad=False):
     """Stream seq.jsonl and count clicks and events per user and per item.
 
@@ -116,7 +81,7 @@ def count_events(seq_path, skip_bad=False):
     """
     path = os.fspath(seq_path)
     if not os.path.isfile(path):
-        raise _dataset().DataError(f"{path}: file not found, expected the training seq.jsonl")
+        raise DataError(f"{path}: file not found, expected the training seq.jsonl")
     users, items = _Counts(), _Counts()
     ub, ib, kb = [], [], []
     num_lines = bad_lines = bad_records = 0
@@ -144,18 +109,18 @@ def count_events(seq_path, skip_bad=False):
                     msg = f"invalid JSON ({str(e)[:80]}), expected a JSON array of records"
                 else:
                     if type(recs) is not list:
-                        msg = f"line is a JSON {_json_type(recs)}, expected a JSON array of records"
+                        msg = f"line is a JSON {json_type(recs)}, expected a JSON array of records"
             if msg is not None:
                 if not skip_bad:
-                    raise _dataset().DataError(f"{path}:{lineno}: {msg}")
+                    raise DataError(f"{path}:{lineno}: {msg}")
                 bad_lines += 1
                 first_bad = first_bad or f"{path}:{lineno}: {msg}"
                 continue
             for k, rec in enumerate(recs, 1):
-                msg = _record_problem(rec, k, len(recs))
+                msg = record_problem(rec, f"record {k} of {len(recs)}", raw_user_ids=False)
                 if msg is not None:
                     if not skip_bad:
-                        raise _dataset().DataError(f"{path}:{lineno}: {msg}")
+                        raise DataError(f"{path}:{lineno}: {msg}")
                     bad_records += 1
                     first_bad = first_bad or f"{path}:{lineno}: {msg}"
                     continue
@@ -193,7 +158,7 @@ def fit_beta_prior(clicks, events, k_clip=(10.0, 10000.0), min_events=MIN_EVENTS
     if keep.sum() < min_entities:
         keep = n >= 1
     if not keep.any():
-        raise _dataset().DataError("no item events to fit a CTR prior on, expected at least one "
+        raise DataError("no item events to fit a CTR prior on, expected at least one "
                                 "item record in seq.jsonl (or use --prior A,B)")
     rate = c[keep] / n[keep]
     m = float(np.clip(rate.mean(), MEAN_EPS, 1.0 - MEAN_EPS))
@@ -250,15 +215,15 @@ def load_ctr(ctr_dir, sides=("user", "item")):
             out.append(None)
             continue
         if not os.path.isfile(path):
-            raise _dataset().DataError(f"{path}: file not found, expected the output of precompute_ctr.py")
+            raise DataError(f"{path}: file not found, expected the output of precompute_ctr.py")
         try:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
         except ValueError as e:
-            raise _dataset().DataError(f"{path}: invalid JSON ({str(e)[:80]}), expected the output "
+            raise DataError(f"{path}: invalid JSON ({str(e)[:80]}), expected the output "
                                     f"of precompute_ctr.py") from None
         if type(obj) is not dict:
-            raise _dataset().DataError(f"{path}: a JSON {_json_type(obj)}, expected an object")
+            raise DataError(f"{path}: a JSON {json_type(obj)}, expected an object")
         out.append(obj)
     tables = []
     for path_name, obj in zip(TABLE_FILES.values(), out[:2]):
@@ -268,12 +233,12 @@ def load_ctr(ctr_dir, sides=("user", "item")):
         try:
             tables.append({int(k): (int(v[0]), int(v[1]), float(v[2])) for k, v in obj.items()})
         except (ValueError, TypeError, IndexError):
-            raise _dataset().DataError(f"{os.path.join(os.fspath(ctr_dir), path_name)}: bad entry, "
+            raise DataError(f"{os.path.join(os.fspath(ctr_dir), path_name)}: bad entry, "
                                     f"expected \"<reid>\": [clicks, events, z]") from None
     meta = out[2]
     for side in ("user", "item"):
         if not isinstance(meta.get(side), dict) or not {"alpha", "beta", "logit", "mean", "std"} <= meta[side].keys():
-            raise _dataset().DataError(f"{os.path.join(os.fspath(ctr_dir), META_FILE)}: no complete "
+            raise DataError(f"{os.path.join(os.fspath(ctr_dir), META_FILE)}: no complete "
                                     f"\"{side}\" entry, expected alpha, beta, logit, mean, std")
     return tables[0], tables[1], meta
 
@@ -338,7 +303,7 @@ def get_args(argv=None):
 
 def _check_not_input(out_path, seq_path):
     if os.path.exists(out_path) and os.path.samefile(out_path, seq_path):
-        raise _dataset().DataError(f"{out_path}: output path is the input seq.jsonl, expected a "
+        raise DataError(f"{out_path}: output path is the input seq.jsonl, expected a "
                                 f"different path (inputs are never overwritten)")
 
 
@@ -368,7 +333,7 @@ def run(args):
     for path in paths:
         _check_not_input(path, args.seq_path)
     for obj, path in zip((tables["user"], tables["item"], meta, pop), paths):
-        _dataset().dump_json(obj, path)
+        dump_json(obj, path)
     return meta, pop, counts, paths
 
 
@@ -395,7 +360,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         _summary(*run(args))
-    except _dataset().DataError as e:
+    except DataError as e:
         print(e, file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # unreadable input, unwritable output folder

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from dataset import DataError, atomic_write
+from layout import DataError, atomic_write
 
 # 2048 x 512 fp32 scores (4 MiB per worker) kept the GEMM near peak and the filter pass cheap on
 # the 2-core EPYC this was tuned on (bench/bench_retrieval.py); a GPU wants far bigger blocks.

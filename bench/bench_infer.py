@@ -12,7 +12,6 @@ memory of the process (ru_maxrss of the child). The outputs themselves (users x 
 x d float32) are the floor any exporter needs; the table shows how far above it the peak is.
 """
 import argparse
-import dataclasses
 import os
 import re
 import shlex
@@ -20,22 +19,22 @@ import subprocess
 import sys
 import time
 
-import torch
 
 import benchlib as B
-import dataset as D
+import checkpoint as C
+import layout as L
 
 RECOMMENDED = ["--use_ctr", "--use_timefeat", "--use_rel_bias=1", "--norm_first", "--norm_type=rmsnorm",
                "--encoder_type=hstu", "--action_cond", "--maxlen", "64"]
 
 
-def write_checkpoint(train_dir, cache_dir, path):
-    """A project checkpoint (model + its configs) of the recommended flags, untrained."""
+def write_checkpoint(train_dir, cache_dir, root):
+    """A project checkpoint (checkpoint.save: weights, configs, training state) of the recommended
+    flags, untrained, as ROOT/global_step0."""
     B.ensure_ctr(train_dir, cache_dir)
     s = B.build_training(RECOMMENDED, train_dir, cache_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"model": s.model.state_dict(), "model_config": dataclasses.asdict(s.model_cfg),
-                "data_config": dataclasses.asdict(s.data_cfg)}, path)
+    st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_epochs": 0, "nonfinite": 0}
+    C.save(root, s.model, s.configs(), s.args, s.opt, s.sched, st, {}, 0, 1)
     return s.model_cfg.hidden_units
 
 
@@ -82,7 +81,7 @@ def main():
                               "--workers", a.workers, *shlex.split(a.demo_args))
         gen_s = time.time() - t0
         cache, ckpt = os.path.join(root, "cache"), os.path.join(root, "ckpt")
-        d = write_checkpoint(train, cache, os.path.join(ckpt, "model.pt"))
+        d = write_checkpoint(train, cache, ckpt)
         r = run_infer(data, cache, ckpt, os.path.join(root, "result"))
         floor = (r["users"] + r["cands"]) * d * 4 / 2**20
         res[n] = r
@@ -107,4 +106,4 @@ def main():
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    L.run_cli(main)

@@ -34,6 +34,8 @@ import torch
 
 import benchlib as B
 import dataset as D
+import dataset_packed as P
+import layout as L
 
 
 class BaselineDataset(torch.utils.data.Dataset):
@@ -46,10 +48,10 @@ class BaselineDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, cfg, mm_emb_ids):
         self.data_dir, self.maxlen = data_dir, cfg.maxlen
         self.data_file, self.pid = None, None
-        self.seq_offsets = D.read_offsets(os.path.join(data_dir, "seq_offsets.pkl"))
+        self.seq_offsets = L.read_offsets(os.path.join(data_dir, "seq_offsets.pkl"))
         with open(os.path.join(data_dir, "item_feat_dict.json")) as f:
             self.item_feat_dict = json.load(f)
-        indexer = D.load_pickle(os.path.join(data_dir, "indexer.pkl"))
+        indexer = L.load_pickle(os.path.join(data_dir, "indexer.pkl"))
         self.itemnum, self.usernum = len(indexer["i"]), len(indexer["u"])
         self.indexer_i_rev = {v: k for k, v in indexer["i"].items()}
         emb_dir = os.path.join(data_dir, "creative_emb")
@@ -195,10 +197,10 @@ def baseline_tensors(ds, batch):
 
 def parity(s, bds, users):
     """Both loaders hold the same item ids, features, mm vectors, actions, timestamps and targets."""
-    packed = D.PackedCollate(s.table)([s.ds[u] for u in users])
+    packed = P.PackedCollate(s.table, trim=False)([s.ds[u] for u in users])  # the baseline keeps all padding
     base = baseline_tensors(bds, bds.collate_fn([bds[u] for u in users]))
     tt = packed["token_type"].numpy()
-    item = tt == D.ITEM_TOKEN
+    item = tt == L.ITEM_TOKEN
     seq_rows = packed["seq_id"].numpy()[packed["seq_inv"].numpy()]
     assert np.array_equal(base["token_type"].numpy() == 1, item), "item positions differ"
     assert np.array_equal(base["seq"].numpy()[item], seq_rows[item]), "history item ids differ"
@@ -251,10 +253,10 @@ def main():
 
     def base_iter(w):
         return lambda: iter(torch.utils.data.DataLoader(bds, batch_size=a.batch_size, shuffle=True, num_workers=w,
-                                                        collate_fn=bds.collate_fn, worker_init_fn=D.seed_worker))
+                                                        collate_fn=bds.collate_fn, worker_init_fn=P.seed_worker))
 
     def packed_iter(w):
-        return lambda: iter(B.packed_loader(s, w, a.batch_size, a.seed))
+        return lambda: iter(B.packed_loader(s, w, a.batch_size))
     rates = {(kind, w): [] for w in a.workers for kind in ("baseline", "packed")}
     for r in range(a.repeats):          # interleaved, so load from other processes hits all alike
         for w in a.workers:
@@ -276,7 +278,7 @@ def main():
 
     e2e = []
     for _ in range(a.repeats):
-        it = iter(B.packed_loader(s, s.args.num_workers, a.batch_size, a.seed))
+        it = iter(B.packed_loader(s, s.args.num_workers, a.batch_size))
         B.train_step(s, B.add_negatives(s, next(it)))
         t = time.perf_counter()
         for _ in range(a.train_steps):
@@ -309,4 +311,4 @@ def main():
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    L.run_cli(main)

@@ -33,6 +33,7 @@ import numpy as np
 
 import benchlib as B
 import dataset as D
+import layout as L
 
 MM_FID, MM_DIM, CID0 = "83", 3584, 7_000_000_000     # creative ids well above any re-id
 VOCAB = 4096
@@ -76,33 +77,23 @@ def probe(a):
     """Run in a fresh process; prints one JSON line of measurements."""
     out = {"start": B.rss_mib()}
     if a.probe == "reader":
-        import main as M
-        args = M.get_args(B.RECOMMENDED)
-        ctr = os.path.join(a.cache, "ctr")
-        cfg = D.DataConfig(maxlen=args.maxlen, use_timefeat=True, use_userctr=True, use_itemctr=True,
-                           mm_emb_id=M.resolve_mm(args, a.data))
         t = time.perf_counter()
-        cfg, table, builder, seq_path, offsets = D.load_train_data(a.data, cfg, a.cache, ctr)
-        ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=0)
+        s = B.build_training(B.RECOMMENDED + ["--num_workers", "0", "--seed", "0"], a.data, a.cache, with_model=False)
         out["build_s"] = time.perf_counter() - t
         out["built"] = B.rss_mib()
-        import torch
-        loader = torch.utils.data.DataLoader(ds, batch_size=128, shuffle=True, num_workers=0,
-                                             collate_fn=D.PackedCollate(table),
-                                             generator=torch.Generator().manual_seed(0))
         t = time.perf_counter()
-        for i, _ in enumerate(loader):
+        for i, _ in enumerate(s.loader):
             if i + 1 == a.batches:
                 break
         out["batches_s"] = time.perf_counter() - t
-        out["users"], out["items"] = len(ds), cfg.num_items
-        out["user_index_entries"] = len(builder.user_index)
+        out["users"], out["items"] = len(s.ds), s.data_cfg.num_items
+        out["user_index_entries"] = len(s.ds.builder.user_index)
     elif a.probe == "attrib":
         import precompute_ctr as P
         r0 = B.rss_mib()["RssAnon"]
-        offsets = D.read_offsets(os.path.join(a.data, "seq_offsets.pkl"))
+        offsets = L.read_offsets(os.path.join(a.data, "seq_offsets.pkl"))
         r1 = B.rss_mib()["RssAnon"]
-        indexer = D.load_pickle(os.path.join(a.data, "indexer.pkl"))
+        indexer = L.load_pickle(os.path.join(a.data, "indexer.pkl"))
         r2 = B.rss_mib()["RssAnon"]
         user_ctr, _, _ = P.load_ctr(os.path.join(a.cache, "ctr"))
         r3 = B.rss_mib()["RssAnon"]
@@ -268,4 +259,4 @@ def main():
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    L.run_cli(main)

@@ -27,11 +27,10 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 import benchlib as B
-import dataset as D
+import layout as L
 
 CONFIGS = {
     "recommended (HSTU d64 x2, ctr, rel bias, action cond)": B.RECOMMENDED,
@@ -46,7 +45,7 @@ def forward_flops(s, batch):
     d, f, h = c.hidden_units, c.feat_dim or c.hidden_units, c.num_heads
     Bsz, T = batch["token_type"].shape
     P = Bsz * T
-    valid = (batch["pos_row"] > 0) & (batch["token_type"] != D.PAD)
+    valid = (batch["pos_row"] > 0) & (batch["token_type"] != L.PAD)
     N = int(valid.sum())
     S = a.num_neg if a.num_neg >= 0 else c.num_items
     M = (min(N, a.in_batch_max) if a.in_batch_neg else 0) + S
@@ -64,7 +63,7 @@ def forward_flops(s, batch):
     enc = c.num_blocks * (P * blk_pos + Bsz * blk_seq)
     head = 2 * d * d * (N + Bsz)
     nce = 2 * N * M * d + 2 * N * d
-    return rows * item + Bsz * user + P * events + enc + head + nce, N, int((batch["token_type"] != D.PAD).sum()), P
+    return rows * item + Bsz * user + P * events + enc + head + nce, N, int((batch["token_type"] != L.PAD).sum()), P
 
 
 def main():
@@ -88,7 +87,7 @@ def main():
     runs = {}
     for name, flags in CONFIGS.items():
         s = B.build_training(flags + ["--batch_size", str(a.batch_size), "--seed", str(a.seed)], train, a.cache)
-        it = iter(B.packed_loader(s, 0, a.batch_size, a.seed))
+        it = iter(B.packed_loader(s, 0, a.batch_size))
         batches = [B.add_negatives(s, next(it)) for _ in range(a.steps + 1)]
         flops = [forward_flops(s, b) for b in batches[1:]]
         nparams = sum(x.numel() for x in s.model.parameters())
@@ -160,4 +159,4 @@ def main():
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    L.run_cli(main)

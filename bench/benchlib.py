@@ -2,10 +2,9 @@
 the training setup of main.py rebuilt in-process, one optimizer step, timing and the
 BENCHMARKS.md appender.
 
-`build_training` follows main.main's setup (schema, item table, popularity, model, Trainer,
-AdamW groups, schedule) without DDP, logging or checkpoints, so a benchmark times exactly the
-loop body of main.py. ModelConfig comes from main.model_config (data config first, then the
-parsed flags), so a flag added to both main.py and ModelConfig needs no change here.
+`build_training` is main.build_training itself (schema, item table, popularity, sampler and
+loader, model, Trainer, AdamW groups, schedule) without DDP, logging or checkpoints, so a
+benchmark times exactly what main.py trains.
 """
 import datetime
 import math
@@ -19,12 +18,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import dataset as D  # noqa: E402
+import dataset_packed as P  # noqa: E402
+import layout as L  # noqa: E402
 import main as M  # noqa: E402
-from model import GenerativeRecommender  # noqa: E402
 
 # run.sh's recommended feature set (the rest are main.py defaults)
 RECOMMENDED = ["--use_ctr", "--use_rel_bias", "--action_cond"]
@@ -60,7 +58,7 @@ def ensure_demo(out, *extra):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "make_demo_data.py"), "--out", out, *map(str, extra)],
                        stdout=subprocess.DEVNULL)
     if r.returncode:   # its own one-line reason is already on stderr
-        raise D.DataError(f"make_demo_data.py --out {out} {' '.join(map(str, extra))}: exit {r.returncode}")
+        raise L.DataError(f"make_demo_data.py --out {out} {' '.join(map(str, extra))}: exit {r.returncode}")
     return os.path.join(out, "train")
 
 
@@ -74,58 +72,25 @@ def ensure_ctr(train_dir, cache_dir):
     return ctr
 
 
-class Setup:
-    """Everything main.main builds before its loop (attributes named as there)."""
-
-
-def build_training(argv, data_dir, cache_dir, device="cpu"):
-    s = Setup()
+def build_training(argv, data_dir, cache_dir, device="cpu", with_model=True):
+    """main.build_training for the flags `argv` on DATA_DIR with CACHE_DIR (no logging, no
+    checkpoints, no DDP): exactly the run main.py would train, its RNGs seeded the same way."""
     args = M.get_args(list(argv))
-    if args.use_userctr is None:
-        args.use_userctr = args.use_ctr
-    if args.use_itemctr is None:
-        args.use_itemctr = args.use_ctr
-    ctr_dir = D.find_ctr_dir(args.ctr_dir, os.path.join(cache_dir, "ctr"), os.path.join(data_dir, "ctr"))
-    data_cfg = D.DataConfig(maxlen=args.maxlen, use_timefeat=args.use_timefeat, use_userctr=args.use_userctr,
-                            use_itemctr=args.use_itemctr, mm_emb_id=M.resolve_mm(args, data_dir))
-    data_cfg, table, builder, seq_path, offsets = D.load_train_data(data_dir, data_cfg, cache_dir, ctr_dir,
-                                                                    args.limit_users)
-    counts, head_min = D.load_item_pop(data_dir, ctr_dir, seq_path, cache_dir, data_cfg.num_items)
-    table.set_popularity(counts, head_min)
-    builder.rank_packages = args.use_rankloss or args.rank_pkg_as_neg
-    builder.keep_items = args.use_hard_neg
-    log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
-    model_cfg = M.model_config(args, data_cfg)
-    torch.manual_seed(args.seed)
-    model = GenerativeRecommender(model_cfg).to(device)
-    click_rate = float(table.ctr_c.sum() / max(1.0, table.ctr_n.sum())) if table.ctr_meta else 0.1
-    trainer = M.Trainer(model, args, log_pop, data_cfg.num_items, click_rate).to(device)
-    decay, no_decay = [], []
-    for n, prm in model.named_parameters():
-        (no_decay if prm.dim() < 2 or "emb" in n or "norm" in n else decay).append(prm)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98),
-                            fused=torch.device(device).type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, M.lr_lambda(args.warmup_steps, 10**6))
-    s.__dict__.update(args=args, data_cfg=data_cfg, model_cfg=model_cfg, table=table, builder=builder,
-                      seq_path=seq_path, offsets=offsets, model=model, trainer=trainer, opt=opt, sched=sched,
-                      device=torch.device(device))
-    s.ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=args.seed)
-    return s
+    M.resolve_ctr_flags(args)
+    M.seed_everything(args.seed)
+    paths = {"data": data_dir, "cache": cache_dir}
+    return M.build_training(args, paths, torch.device(device), say=lambda *a: None, with_model=with_model)
 
 
-def packed_loader(s, num_workers, batch_size=None, seed=0):
-    """main.py's DataLoader: SeqDataset + PackedCollate in `num_workers` workers."""
-    return torch.utils.data.DataLoader(
-        s.ds, batch_size=batch_size or s.args.batch_size, shuffle=True, num_workers=num_workers,
-        collate_fn=D.PackedCollate(s.table), worker_init_fn=D.seed_worker,
-        generator=torch.Generator().manual_seed(seed))
+def packed_loader(s, num_workers, batch_size=None):
+    """main.py's DataLoader (main.make_loader: EpochSampler, PackedCollate) in `num_workers` workers."""
+    return M.make_loader(s.ds, s.table, s.args, s.device, num_workers=num_workers, batch_size=batch_size)[1]
 
 
 def add_negatives(s, batch):
     """What main.py's loop adds to each batch in the training process before the step."""
     if s.args.num_neg:
-        batch.update(D.sample_negatives(s.table, s.args.num_neg, s.data_cfg.num_items))
+        batch.update(P.sample_negatives(s.table, s.args.num_neg, s.data_cfg.num_items))
     batch.pop("_items", None)
     return batch
 
@@ -133,7 +98,7 @@ def add_negatives(s, batch):
 def train_step(s, batch, step_fn=None):
     """One optimizer step of main.py's loop (no accumulation); returns the loss."""
     batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
-    loss, _ = (s.trainer if step_fn is None else step_fn)(batch)
+    loss = (s.trainer if step_fn is None else step_fn)(batch)[0]
     loss.backward()
     if s.args.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.args.clip_norm)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import benchlib as B
-import dataset as D
+import layout as L
 import model as Mo
 import retrieval_torch as R
 
@@ -65,7 +65,7 @@ def loss_and_grads(s, batch, amp_dtype):
     b = {k: v.to(s.device) for k, v in batch.items()}
     ctx = torch.autocast(s.device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(s.device.type, enabled=False)
     with ctx:
-        loss, _ = s.trainer(b)
+        loss = s.trainer(b)[0]
     loss.backward()
     return loss.detach().float().item(), grads(s.model)
 
@@ -157,7 +157,7 @@ def train_throughput(dev, train, cache, steps, batch_size, workers):
 
     def step(b):
         with amp:
-            loss, _ = s.trainer(b)
+            loss = s.trainer(b)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.args.clip_norm)
         s.opt.step()
@@ -170,7 +170,7 @@ def train_throughput(dev, train, cache, steps, batch_size, workers):
         step(pre[i % len(pre)])
     sync(dev)
     dt = time.perf_counter() - t
-    tokens = sum(int((pre[i % len(pre)]["token_type"] != D.PAD).sum()) for i in range(steps))
+    tokens = sum(int((pre[i % len(pre)]["token_type"] != L.PAD).sum()) for i in range(steps))
     loader = B.packed_loader(s, workers, batch_size)
     it = iter(loader)
     step({k: v.to(dev, non_blocking=True) for k, v in B.add_negatives(s, next(it)).items()})
@@ -271,4 +271,4 @@ def main():
 
 
 if __name__ == "__main__":
-    D.run_cli(lambda: sys.exit(main()))
+    L.run_cli(lambda: sys.exit(main()))

@@ -77,10 +77,10 @@ def test_metrics(run, data, out_json, mask_history):
     """Score the test split with the validation-selected checkpoint; write result_test.json."""
     import torch
 
-    import dataset as D
+    import layout as L
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     (m, users, top10s), path = split_metrics(run, data, "test", device, mask_history, top_k=10)
-    D.dump_json({"time": 0, "top10s": top10s, "user": users}, out_json)
+    L.dump_json({"time": 0, "top10s": top10s, "user": users}, out_json)
     return m, path
 
 

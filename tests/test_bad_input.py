@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dataset as D  # noqa: E402
+import layout as L  # noqa: E402
 
 PY = sys.executable
 TRAIN = ["main.py", "--num_epochs", "1", "--num_workers", "0", "--hidden_units", "16", "--feat_dim", "8",
@@ -415,7 +416,7 @@ def test_bad_input(cid, script, how, corrupt, expected, args, world, tmp_path, m
     d, ck, subs = _prepare(base, tmp_path, (cid, script, how, corrupt, expected, args))
     for k, v in _env(d, ck).items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(L.DataError) as e:
         if script == "train":
             _train_here([*TRAIN[1:], *args])
         else:
@@ -438,7 +439,7 @@ def test_strict_items_only_in_training(world, tmp_path):
     n = cfg.num_items
     assert builder.strict_items and builder.item_rows([1, n]).tolist() == [1, n]
     for bad in (n + 1, 0, "7"):
-        with pytest.raises(D.DataError) as e:
+        with pytest.raises(L.DataError) as e:
             builder.item_rows([1, bad])
         assert str(e.value) == f"item id {json.dumps(bad)} unknown to the indexer (num_items {n})"
     loose = D.SequenceBuilder(cfg, table, {})

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_public as cp  # noqa: E402
-from dataset import load_pickle  # noqa: E402
+from layout import load_pickle  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DAY = 86400

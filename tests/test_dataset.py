@@ -3,14 +3,14 @@ import datetime
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import dataset as D
+import dataset_packed as P
+import layout as L
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taac_sample"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data/taac_sample not present")
@@ -39,14 +39,14 @@ def sample_dir(tmp_path_factory):
 
 @needs_shared
 def test_real_fragment_reads_every_line_and_quirk(sample_dir):
-    offsets = D.read_offsets(sample_dir / "seq_offsets.pkl")
-    lines = D.LineReader(sample_dir / "seq.jsonl", offsets)
+    offsets = L.read_offsets(sample_dir / "seq_offsets.pkl")
+    lines = L.LineReader(sample_dir / "seq.jsonl", offsets)
     n_events, n_null, profiles = 0, 0, 0
     raw = [json.loads(l) for l in open(sample_dir / "seq.jsonl")]
     for i in range(len(lines)):
         records, where = lines[i]
         assert records == raw[i]
-        user, uf, events = D.parse_user_records(records, where)
+        user, uf, events = L.parse_user_records(records, where)
         n_events += len(events)
         n_null += sum(r[1] is not None and r[4] is None for r in records)
         profiles += uf is not None
@@ -63,8 +63,8 @@ def test_real_fragment_trains_through_the_packed_path(sample_dir, tmp_path):
     assert set(cfg.user_sparse) == {"103", "104", "105", "109"} and set(cfg.user_array) <= {"106", "107", "108", "110"}
     assert cfg.item_sparse["111"] == 58734 + 1 and cfg.num_items == 58734 and cfg.mm_dims == {"81": 32}
     ds = D.SeqDataset(seq, offsets, builder)
-    batch = D.PackedCollate(table)([ds[i] for i in range(4)])
-    batch.update(D.sample_negatives(table, 7, cfg.num_items))
+    batch = P.PackedCollate(table)([ds[i] for i in range(4)])
+    batch.update(P.sample_negatives(table, 7, cfg.num_items))
     assert batch["seq_inv"].shape == (4, 21) and batch["neg_id"].shape == (7,)
     assert batch["seq_sparse"].shape == (int(batch["seq_inv"].max()) + 1, 14)
     assert batch["seq_mm_81"].shape == (int(batch["seq_inv"].max()) + 1, 32)
@@ -79,7 +79,7 @@ def test_real_fragment_trains_through_the_packed_path(sample_dir, tmp_path):
     np.testing.assert_allclose(got["x_mm_81"][0].numpy(), np.float32(first["emb"]))
     assert bool(got["x_mm_mask"][0, 0])
     # the profile record's timestamp never enters: every token time is an event time
-    records, _ = D.LineReader(seq, offsets)[0]
+    records, _ = L.LineReader(seq, offsets)[0]
     prof_ts = [r[5] for r in records if r[1] is None][0]
     assert prof_ts not in ds[0]["ts"].tolist()
 
@@ -87,7 +87,7 @@ def test_real_fragment_trains_through_the_packed_path(sample_dir, tmp_path):
 def test_offsets_as_dict_and_list(tmp_path):
     (tmp_path / "a.pkl").write_bytes(pickle.dumps({2: 30, 1: 0, 3: 55}))
     (tmp_path / "b.pkl").write_bytes(pickle.dumps([0, 30, 55]))
-    assert D.read_offsets(tmp_path / "a.pkl") == D.read_offsets(tmp_path / "b.pkl") == [0, 30, 55]
+    assert L.read_offsets(tmp_path / "a.pkl") == L.read_offsets(tmp_path / "b.pkl") == [0, 30, 55]
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):
@@ -98,13 +98,13 @@ def test_restricted_unpickler_refuses_code(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(D.DataError, match="refused to load"):
-        D.load_pickle(tmp_path / "evil.pkl")
+    with pytest.raises(L.DataError, match="refused to load"):
+        L.load_pickle(tmp_path / "evil.pkl")
     assert not marker.exists()
     from collections import defaultdict
     ok = {"f": defaultdict(dict, {"1": {5: 1}}), "a": np.arange(3, dtype=np.float32)}
     (tmp_path / "ok.pkl").write_bytes(pickle.dumps(ok))
-    back = D.load_pickle(tmp_path / "ok.pkl")
+    back = L.load_pickle(tmp_path / "ok.pkl")
     assert back["f"]["1"] == {5: 1} and back["a"].tolist() == [0.0, 1.0, 2.0]
 
 
@@ -157,9 +157,9 @@ def test_cold_candidates_extend_the_table():
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     p = tmp_path / "out.json"
-    D.dump_json({"a": 1}, p)
+    L.dump_json({"a": 1}, p)
     with pytest.raises(RuntimeError):
-        with D.atomic_write(p) as f:
+        with L.atomic_write(p) as f:
             f.write("partial")
             raise RuntimeError("crash")
     assert json.loads(p.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
@@ -178,7 +178,7 @@ def test_target_item_ctr_is_leave_one_out_and_user_ctr_uses_only_the_past():
     # targets: item 2 (exposure), item 3 (click), item 2 (click); each target's own event is
     # removed from that item's counts: events - 1, and clicks - 1 when the target is a click
     assert s["pos_row"].tolist()[-3:] == [2, 3, 2]
-    batch = D.PackedCollate(table)([s])
+    batch = P.PackedCollate(table)([s])
     pos_ctr = batch["pos_ctr"][batch["pos_inv"][0, -3:]]
     np.testing.assert_allclose(pos_ctr, np.float32([ctr_value(5, 9, meta), ctr_value(1, 3, meta),
                                                     ctr_value(4, 9, meta)]))

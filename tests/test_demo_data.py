@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import make_demo_data as mdd  # noqa: E402
-from dataset import load_pickle  # noqa: E402
+from layout import load_pickle  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 TINY = ["--users", "200", "--items", "300", "--eval_users", "120", "--seed", "3"]

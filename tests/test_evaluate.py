@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate as E  # noqa: E402
-from dataset import DataError, dump_pickle  # noqa: E402
+from layout import DataError, dump_pickle  # noqa: E402
 
 
 def test_hr_ndcg_hand_computed():
@@ -75,7 +75,7 @@ def test_readers_give_one_line_errors(tmp_path):
     p = tmp_path / "gt.jsonl"
     p.write_text('{"user_id": "u1", "creative_id": 5}\n\n{"user_id": "u2", "creative_id": 6}\n')
     assert E.read_ground_truth(p) == {"u1": 5, "u2": 6}
-    for text, match in [('{"user_id": "u1", "creative_id": 5}\n{oops\n', ":2: not valid JSON"),
+    for text, match in [('{"user_id": "u1", "creative_id": 5}\n{oops\n', ":2: invalid JSON"),
                         ('{"user_id": "u1"}\n', ":1: expected an object"),
                         ('{"user_id": 1, "creative_id": 5}\n{"user_id": "1", "creative_id": 6}\n',
                          ":2: user 1 appears twice")]:
@@ -92,7 +92,7 @@ def test_readers_give_one_line_errors(tmp_path):
         with pytest.raises(DataError, match=match):
             E.read_result(r)
     r.write_text("{not json")
-    with pytest.raises(DataError, match="not valid JSON"):
+    with pytest.raises(DataError, match="invalid JSON"):
         E.read_result(r)
 
 

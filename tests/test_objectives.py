@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import main
+import objectives
 
 
 def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_batch, sub=None):
@@ -54,7 +55,7 @@ def test_info_nce_matches_naive_loop(in_batch, with_negs, logq, sub):
     neg_ids = torch.tensor([3, 6, 7, 1, 8]) if with_negs else None
     tau = torch.tensor([0.05, 0.1, 0.05, 0.2, 0.05, 0.1])
     log_pop = torch.log(torch.softmax(torch.randn(items + 1), 0)) if logq else None
-    got, _ = main.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch,
+    got, _ = objectives.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch,
                            None if sub is None else torch.tensor(sub))
     want = naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch, sub)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -66,7 +67,7 @@ def test_logq_hand_computed():
     pos = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     ids = torch.tensor([1, 2])
     log_pop = torch.log(torch.tensor([0.0, 0.25, 0.75]).clamp(min=1e-12))
-    got, _ = main.info_nce(q, pos, ids, None, None, torch.tensor([1.0, 1.0]), log_pop, 2, True)
+    got, _ = objectives.info_nce(q, pos, ids, None, None, torch.tensor([1.0, 1.0]), log_pop, 2, True)
     # row 0: own logit 1 - log(2*.25), other 0.6 - log(2*.75)
     a, b = 1 - math.log(0.5), 0.6 - math.log(1.5)
     row0 = math.log(math.exp(a) + math.exp(b)) - a
@@ -82,7 +83,7 @@ def test_full_softmax_equals_cross_entropy_over_catalogue():
     cat = F.normalize(torch.randn(items, d), dim=-1)              # rows for items 1..7
     q = F.normalize(torch.randn(4, d), dim=-1)
     ids = torch.tensor([3, 1, 7, 3])
-    got, _ = main.info_nce(q, cat[ids - 1], ids, cat, torch.arange(1, items + 1), torch.full((4,), 0.1), None,
+    got, _ = objectives.info_nce(q, cat[ids - 1], ids, cat, torch.arange(1, items + 1), torch.full((4,), 0.1), None,
                            items, False)
     want = F.cross_entropy(q @ cat.T / 0.1, ids - 1, reduction="none")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -91,11 +92,11 @@ def test_full_softmax_equals_cross_entropy_over_catalogue():
 def test_weight_schemes_against_hand_values():
     act = torch.tensor([1, 2, 1, 3])                 # exposure, click, exposure, conversion
     loss = torch.tensor([0.5, 1.0, 2.0, 0.1])
-    assert main.nce_weights("none", act, loss).tolist() == [1, 1, 1, 1]
-    assert main.nce_weights("fixed", act, loss, click_weight=3.0).tolist() == [1, 3, 1, 3]
-    cb = main.nce_weights("cb", act, loss, click_rate=0.2)
+    assert objectives.nce_weights("none", act, loss).tolist() == [1, 1, 1, 1]
+    assert objectives.nce_weights("fixed", act, loss, click_weight=3.0).tolist() == [1, 3, 1, 3]
+    cb = objectives.nce_weights("cb", act, loss, click_rate=0.2)
     torch.testing.assert_close(cb, torch.tensor([0.5 / 0.8, 0.5 / 0.2, 0.5 / 0.8, 0.5 / 0.2]))
-    focal = main.nce_weights("focal", act, loss, gamma=2.0)
+    focal = objectives.nce_weights("focal", act, loss, gamma=2.0)
     torch.testing.assert_close(focal, (1 - torch.exp(-loss)) ** 2)
 
 
@@ -130,7 +131,7 @@ def test_rank_loss_matches_naive_loop(mode):
     torch.manual_seed(0)
     s_pos, s_pkg = torch.randn(4), torch.randn(4, 5)
     grade = torch.tensor([[3, 3, 2, 2, 1], [0, 3, 0, 2, 1], [0, 0, 0, 0, 0], [3, 0, 2, 0, 0]])
-    got = main.rank_loss(s_pos, s_pkg, grade, mode)
+    got = objectives.rank_loss(s_pos, s_pkg, grade, mode)
     assert got.item() == pytest.approx(naive_rank_loss(s_pos, s_pkg, grade, mode), rel=1e-5)
 
 
@@ -141,7 +142,7 @@ def test_package_hard_negatives_extend_the_softmax():
     hard = F.normalize(torch.randn(3, 2, 4), dim=-1)
     hard_ids = torch.tensor([[5, 0], [2, 6], [7, 8]])      # empty slot, accidental hit
     tau = torch.full((3,), 0.5)
-    got, _ = main.info_nce(q, pos, ids, None, None, tau, None, 10, True, None, hard, hard_ids)
+    got, _ = objectives.info_nce(q, pos, ids, None, None, tau, None, 10, True, None, hard, hard_ids)
     want = []
     for i in range(3):
         logits = [float(q[i] @ pos[i])] + [float(q[i] @ pos[j]) for j in range(3) if j != i]

@@ -40,6 +40,10 @@ def test_train_infer_evaluate(demo):
     run([PY, "main.py", "--num_epochs", "2", "--use_ctr", "--action_cond", "--use_rel_bias", *TINY], env)
     assert (d / "ckpt/global_step10/meta.json").exists() and (d / "log/train.log").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in (d / "tb").iterdir())
+    steps = [json.loads(l) for l in open(d / "log/train.log") if '"loss"' in l]
+    # each loss term is logged beside the total, with throughput
+    assert all(r["loss"] == pytest.approx(r["loss_nce"]) and r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"]
+               for r in steps) and len(steps) == 10
     run([PY, "infer.py"], env)
     res = json.loads((d / "result/result.json").read_text())
     users = [json.loads(l)["user_id"] for l in open(d / "data/eval/ground_truth.jsonl")]
@@ -77,10 +81,12 @@ def test_non_default_checkpoint_loads_without_flags(demo):
     sys.path.insert(0, str(ROOT))
     import infer
     import dataset as D
+    import dataset_packed as P
+    import layout as L
     model, dcfg, _ = infer.load_model(str(d / "nd"), torch.device("cpu"))
     table, builder, indexer = infer.prepare_tables(dcfg, str(d / "data/eval"), str(d / "data/train"), str(d / "cache"))
-    ds = D.SeqDataset(d / "data/train/seq.jsonl", D.read_offsets(d / "data/train/seq_offsets.pkl"), builder)
-    batch = D.PackedCollate(table)([ds[0], ds[1]])
+    ds = D.SeqDataset(d / "data/train/seq.jsonl", L.read_offsets(d / "data/train/seq_offsets.pkl"), builder)
+    batch = P.PackedCollate(table)([ds[0], ds[1]])
     with torch.no_grad():
         as_target = model.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")})
         rows = [int(r) for r in batch["pos_id"]]
@@ -132,14 +138,14 @@ def test_killed_run_resumes_to_identical_weights(demo, sig):
 
 def test_hard_negative_cache_persisted_reused_and_never_a_positive(demo):
     sys.path.insert(0, str(ROOT))
-    import dataset as D
+    import layout as L
     d, env = demo
     e = dict(env, TRAIN_CKPT_PATH=str(d / "hn"), USER_CACHE_PATH=str(d / "hn_cache"))
     shutil.copytree(d / "cache/ctr", d / "hn_cache/ctr")
     cmd = [PY, "main.py", "--num_epochs", "1", "--use_hard_neg", "--hard_neg_k", "4", "--hard_neg_refresh", "2",
            "--use_rankloss", "--rank_pkg_as_neg", *TINY]
     assert "new cache" in run(cmd, e).stdout
-    cache = D.load_pickle(d / "hn_cache/hard_negative_cache.pkl")
+    cache = L.load_pickle(d / "hn_cache/hard_negative_cache.pkl")
     assert len(cache) > 50 and all(len(v) == 4 for v in cache.values())
     for line in open(d / "data/train/seq.jsonl"):
         recs = json.loads(line)
@@ -173,7 +179,7 @@ def test_length_bucketing_sampler_is_a_shuffled_partition():
     (seed, epoch) -> same order; a resumed position continues the same order."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
-    from main import EpochSampler
+    from dataset_packed import EpochSampler
     n, bs = 1003, 16
     lengths = np.random.default_rng(0).integers(1, 500, n)
     plain = [EpochSampler(n, 2, r, seed=3) for r in range(2)]
@@ -200,16 +206,17 @@ def test_trimmed_batch_gives_the_same_loss(demo):
     query) equal those of the untrimmed batch."""
     d, env = demo
     sys.path.insert(0, str(ROOT))
-    import argparse
     import numpy as np
     import dataset as D
+    import dataset_packed as P
     import main as M
     from model import GenerativeRecommender
+    from objectives import Trainer
     cfg = D.DataConfig(maxlen=200, use_userctr=True, use_itemctr=True, mm_emb_id=["81"])
     cfg, table, builder, seq, offsets = D.load_train_data(d / "data/train", cfg, d / "cache", str(d / "cache/ctr"))
     counts, head_min = D.load_item_pop(d / "data/train", str(d / "cache/ctr"), seq, d / "cache", cfg.num_items)
     table.set_popularity(counts, head_min)
-    builder.rank_packages = True
+    builder = D.SequenceBuilder(cfg, table, {}, strict_items=True, rank_packages=True)
     ds = D.SeqDataset(seq, offsets, builder, train=True, seed=0)
     samples = [ds[i] for i in range(6)]
     args = M.get_args(["--use_ctr", "--use_rel_bias", "--use_rankloss=1", "--action_cond", "--maxlen", "200",
@@ -218,13 +225,16 @@ def test_trimmed_batch_gives_the_same_loss(demo):
     torch.manual_seed(0)
     model = GenerativeRecommender(M.model_config(args, cfg)).eval()
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
-    trainer = M.Trainer(model, args, log_pop, cfg.num_items, 0.1)
-    negs = D.sample_negatives(table, 16, cfg.num_items, torch.Generator().manual_seed(0))
+    trainer = Trainer(model, M.objective_config(args), log_pop, cfg.num_items, 0.1)
+    negs = P.sample_negatives(table, 16, cfg.num_items, torch.Generator().manual_seed(0))
     out = []
     for trim in (True, False):
-        batch = D.PackedCollate(table, trim=trim)(samples)
+        batch = P.PackedCollate(table, trim=trim)(samples)
         batch.update(negs)
-        out.append((batch["token_type"].shape[1], *trainer(batch)))
+        total, parts, last = trainer(batch)
+        assert set(parts) == {"nce", "rank"}
+        torch.testing.assert_close(total, parts["nce"] + 0.5 * parts["rank"])     # --lambda_rank 0.5
+        out.append((batch["token_type"].shape[1], total, last))
     assert out[0][0] < out[1][0] == 201                       # something was trimmed
     torch.testing.assert_close(out[0][1], out[1][1])
     torch.testing.assert_close(out[0][2], out[1][2])

@@ -170,7 +170,7 @@ def test_counts_merge_across_flushes(tmp_path, monkeypatch):
     assert got["user_events"].tolist() == [9, 6]
 
 
-LAYOUT = "[user_reid, item_reid, user_feat, item_feat, action_type, timestamp]"
+LAYOUT = "[user_id, item_id, user_feat, item_feat, action_type, timestamp]"
 BAD = [
     ("not json", "invalid JSON (Expecting value: line 1 column 1 (char 0)), expected a JSON array of records"),
     ("", "empty line, expected a JSON array of records"),
@@ -178,11 +178,12 @@ BAD = [
     ("[5]", f"record 1 of 1 is a JSON number, expected a 6-element array {LAYOUT}"),
     ("[[1, 2, null, {}, 0]]", f"record 1 of 1 has 5 elements, expected 6 {LAYOUT}"),
     ('[[1, 2, null, {}, 0, 5], [1, "2", null, {}, 0, 5]]',
-     'record 2 of 2: item_reid is "2", expected a non-negative integer or null'),
-    ("[[-1, 2, null, {}, 0, 5]]", "record 1 of 1: user_reid is -1, expected a non-negative integer"),
-    ("[[1.0, 2, null, {}, 0, 5]]", "record 1 of 1: user_reid is 1.0, expected a non-negative integer"),
-    ("[[1, 2, null, {}, 3, 5]]", "record 1 of 1: action_type is 3, expected null, 0, 1 or 2"),
-    ("[[1, 2, null, {}, true, 5]]", "record 1 of 1: action_type is true, expected null, 0, 1 or 2"),
+     'record 2 of 2: item_id is "2", expected a non-negative int or null (profile record)'),
+    ("[[-1, 2, null, {}, 0, 5]]", "record 1 of 1: user_id is -1, expected a non-negative int (re-id) below 2^63"),
+    ("[[1.0, 2, null, {}, 0, 5]]", "record 1 of 1: user_id is 1.0, expected a non-negative int (re-id) below 2^63"),
+    ("[[1, 2, null, {}, 3, 5]]", "record 1 of 1: action_type is 3, expected 0, 1, 2 or null"),
+    ("[[1, 2, null, {}, true, 5]]", "record 1 of 1: action_type is true, expected 0, 1, 2 or null"),
+    ("[[1, 2, null, {}, 0, -5]]", "record 1 of 1: timestamp is -5, expected a non-negative int (Unix seconds)"),
 ]
 
 

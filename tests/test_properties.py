@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import dataset as D  # noqa: E402
+import layout as L  # noqa: E402
 import retrieval_torch as R  # noqa: E402
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,13 +82,13 @@ def test_valid_lines_round_trip(lines, as_dict):
         seq, offsets = write_lines(d, [recs for recs, _ in lines])
         if as_dict:                       # converters may write {re-id: offset}, in any key order
             (Path(d) / "seq_offsets.pkl").write_bytes(pickle.dumps(dict(zip(range(len(offsets), 0, -1), offsets))))
-        got = D.read_offsets(Path(d) / "seq_offsets.pkl")
+        got = L.read_offsets(Path(d) / "seq_offsets.pkl")
         assert got == offsets
-        reader = D.LineReader(seq, got)
+        reader = L.LineReader(seq, got)
         for i, (recs, user) in enumerate(lines):
             parsed, where = reader[i]
             assert parsed == recs and where == f"{seq}:{i + 1}"
-            u, uf, events = D.parse_user_records(parsed, where)
+            u, uf, events = L.parse_user_records(parsed, where)
             assert (u, uf, events) == naive_parse(recs)
             assert u == user and len(events) == sum(r[1] is not None for r in recs)
             assert all(e[2] in (0, 1, 2) for e in events)
@@ -105,7 +105,7 @@ def only_data_errors(fn, *args):
     """Run fn; a DataError must be one line naming where it happened; anything else fails."""
     try:
         fn(*args)
-    except D.DataError as e:
+    except L.DataError as e:
         msg = str(e)
         assert msg and "\n" not in msg
         return msg
@@ -119,9 +119,9 @@ def test_garbage_lines_raise_only_data_errors(raw_lines):
     raw_lines = [b.replace(b"\n", b" ") for b in raw_lines]
     with tempfile.TemporaryDirectory() as d:
         seq, offsets = write_lines(d, raw_lines, raw=True)
-        reader = D.LineReader(seq, D.read_offsets(Path(d) / "seq_offsets.pkl"))
+        reader = L.LineReader(seq, L.read_offsets(Path(d) / "seq_offsets.pkl"))
         for i in range(len(raw_lines)):
-            msg = only_data_errors(lambda: D.parse_user_records(*reader[i]))
+            msg = only_data_errors(lambda: L.parse_user_records(*reader[i]))
             assert msg is None or msg.startswith(f"{seq}:{i + 1}: ")
 
 
@@ -148,8 +148,8 @@ def test_one_bad_field_is_named(line, data):
     field = data.draw(st.sampled_from(sorted(bad_field)))
     recs[k][field] = data.draw(bad_field[field])
     name = {0: "user_id", 1: "item_id", 3: "item_feat", 4: "action_type", 5: "timestamp"}[field]
-    with pytest.raises(D.DataError) as e:
-        D.parse_user_records(json.loads(json.dumps(recs)), "f.jsonl:7")
+    with pytest.raises(L.DataError) as e:
+        L.parse_user_records(json.loads(json.dumps(recs)), "f.jsonl:7")
     msg = str(e.value)
     assert msg.startswith(f"f.jsonl:7: record {k + 1} of {len(recs)}") and name in msg, msg
 
@@ -165,8 +165,8 @@ def test_a_moved_offset_is_refused(lines, data):
         k = data.draw(st.integers(0, len(offsets) - 1))
         new = data.draw(st.integers(0, seq.stat().st_size + 20).filter(lambda o: o != offsets[k]))
         (Path(d) / "seq_offsets.pkl").write_bytes(pickle.dumps(offsets[:k] + [new] + offsets[k + 1:]))
-        with pytest.raises(D.DataError) as e:
-            D.LineReader(seq, D.read_offsets(Path(d) / "seq_offsets.pkl"))[k]
+        with pytest.raises(L.DataError) as e:
+            L.LineReader(seq, L.read_offsets(Path(d) / "seq_offsets.pkl"))[k]
         assert "\n" not in str(e.value) and str(new) in str(e.value)
 
 
@@ -180,12 +180,12 @@ def test_offsets_count_must_match_the_lines(lines, extra, trailing_blank):
         if trailing_blank:
             seq.write_bytes(seq.read_bytes() + b"\n \n")
         size = seq.stat().st_size
-        assert D.read_offsets(Path(d) / "seq_offsets.pkl") == offsets
+        assert L.read_offsets(Path(d) / "seq_offsets.pkl") == offsets
         changed = offsets[:extra] if extra < 0 else offsets + [size + j for j in range(extra)]
         assume(changed)
         (Path(d) / "seq_offsets.pkl").write_bytes(pickle.dumps(changed))
-        with pytest.raises(D.DataError) as e:
-            D.read_offsets(Path(d) / "seq_offsets.pkl")
+        with pytest.raises(L.DataError) as e:
+            L.read_offsets(Path(d) / "seq_offsets.pkl")
         assert str(e.value).startswith(f"{Path(d) / 'seq_offsets.pkl'}: ")
 
 
@@ -236,7 +236,7 @@ def test_wrong_size_is_refused(kind, n, dim, delta):
         raw = open(p, "rb").read()
         assume(len(raw) + delta >= 0)
         open(p, "wb").write(raw[:len(raw) + delta] if delta < 0 else raw + b"\0" * delta)
-        with pytest.raises(D.DataError) as e:
+        with pytest.raises(L.DataError) as e:
             R.read_fbin(p) if kind == "fbin" else R.read_u64bin(p)
         msg = str(e.value)
         assert msg.startswith(f"{p}: ") and str(len(raw) + delta) in msg and "\n" not in msg

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval_torch as R  # noqa: E402
-from dataset import DataError  # noqa: E402
+from layout import DataError  # noqa: E402
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                 HealthCheck.function_scoped_fixture])

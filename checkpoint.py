@@ -1,0 +1,255 @@
+"""Checkpoints, for training, inference and benchmarks alike: save, find (newest complete, best
+by validation), load for resume, load for inference, and configs that survive code changes.
+
+A checkpoint is TRAIN_CKPT_PATH/global_step{N}/model.pt (weights, the model, data and objective
+configs, optimizer, scheduler, every RNG and the loop position), written to a temporary name and
+renamed; meta.json beside it is written last and marks the folder complete. best.json in the
+root names the step with the best validation NDCG@10. Checkpoints load with weights_only=True:
+no code runs on load.
+
+Configs carry CONFIG_VERSION. A config class may name, as class variables, the fields added since
+checkpoints were first written (LEGACY: field -> the value that reproduces the behaviour from
+before the field existed), renamed fields (RENAMED: old -> new) and removed ones (REMOVED: field ->
+the only value the code still implements), so a checkpoint written before a change still loads.
+"""
+import dataclasses
+import glob
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dataset import DataConfig
+from layout import DataError, atomic_write, dump_json, read_json
+from model import GenerativeRecommender, ModelConfig
+from objectives import ObjectiveConfig
+
+# 1: configs without a version (model and data configs; the objective settings only in "args").
+# 2: objective_config and config_version saved.
+CONFIG_VERSION = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs across versions
+# ---------------------------------------------------------------------------------------------
+
+def config_from_dict(cls, saved: dict, where: str):
+    """An instance of the config dataclass `cls` from a saved dict, written by this version of the
+    code or an earlier one: renamed fields take their new names, fields added since get their
+    LEGACY value (else the default), removed fields must hold the value the code still
+    implements. A field this code does not know (a newer checkpoint) is refused."""
+    renamed, removed, legacy = (getattr(cls, n, {}) for n in ("RENAMED", "REMOVED", "LEGACY"))
+    if not isinstance(saved, dict):
+        raise DataError(f"{where}: {cls.__name__} is a {type(saved).__name__}, expected a dict of settings")
+    d = {}
+    for k, v in saved.items():
+        if k in removed:
+            if v != removed[k]:
+                raise DataError(f"{where}: {cls.__name__}.{k} = {v!r}, which this version no longer implements "
+                                f"(only {removed[k]!r}); use the code the checkpoint was trained with")
+            continue
+        d[renamed.get(k, k)] = v
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise DataError(f"{where}: {cls.__name__} has settings this version does not know ({', '.join(unknown[:5])}); "
+                        f"expected a checkpoint written by this version of the code or an earlier one")
+    for k in names - set(d):
+        if k in legacy:
+            d[k] = legacy[k]
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise DataError(f"{where}: {cls.__name__} cannot be rebuilt ({e})") from None
+
+
+def saved_configs(state: dict, where: str) -> tuple:
+    """(ModelConfig, DataConfig, ObjectiveConfig) of a loaded checkpoint, migrated to this
+    version. A checkpoint from before objective configs takes its objective from the saved flags."""
+    version = state.get("config_version", 1)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise DataError(f"{where}: config version {version!r} is newer than this code's ({CONFIG_VERSION}); "
+                        f"update the code")
+    for key in ("model_config", "data_config"):
+        if key not in state:
+            raise DataError(f"{where}: no {key}, not a checkpoint of this project")
+    model_cfg = config_from_dict(ModelConfig, state["model_config"], where)
+    data_cfg = config_from_dict(DataConfig, state["data_config"], where)
+    obj = state.get("objective_config")
+    if obj is None:
+        names = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+        obj = {k: v for k, v in (state.get("args") or {}).items() if k in names}
+    return model_cfg, data_cfg, config_from_dict(ObjectiveConfig, obj, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def step_of(folder: str) -> int:
+    return int(folder.rsplit("global_step", 1)[1])
+
+
+def complete(root: str) -> list:
+    """global_step folders of `root` whose meta.json exists, by step."""
+    done = [p for p in glob.glob(os.path.join(root, "global_step*"))
+            if p.rsplit("global_step", 1)[1].isdigit() and os.path.exists(os.path.join(p, "meta.json"))]
+    return sorted(done, key=step_of)
+
+
+def newest(root: str):
+    """The newest complete checkpoint folder of `root`, or None."""
+    done = complete(root)
+    return done[-1] if done else None
+
+
+def best(root: str):
+    """(folder, record) of best.json's pick when that folder is complete, else (None, None)."""
+    path = os.path.join(root, "best.json")
+    if not os.path.exists(path):
+        return None, None
+    rec = read_json(path)
+    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+        raise DataError(f"{path}: expected an object with \"path\" (a global_step folder), \"global_step\" and "
+                        f"\"valid_NDCG@10\"; delete it to use the newest checkpoint")
+    folder = os.path.join(root, rec["path"])
+    return (folder, rec) if os.path.exists(os.path.join(folder, "meta.json")) else (None, None)
+
+
+def find_for_inference(path: str) -> tuple:
+    """(model.pt path, why it was chosen) for a model.pt, a global_step folder, or a root of
+    them: best.json's pick, else the newest complete one."""
+    if os.path.isfile(path):
+        return path, "the file given"
+    if os.path.isfile(os.path.join(path, "model.pt")):
+        return os.path.join(path, "model.pt"), "the folder given"
+    folder, rec = best(path)
+    if folder is not None:
+        score = rec.get("valid_NDCG@10")
+        how = f", valid NDCG@10 {score:.4f}" if isinstance(score, (int, float)) else ""
+        return os.path.join(folder, "model.pt"), f"best by validation (best.json{how})"
+    folder = newest(path)
+    if folder is None:
+        raise DataError(f"{path}: no checkpoint (looked for model.pt or global_step*/meta.json)")
+    return os.path.join(folder, "model.pt"), "newest complete checkpoint (no best.json)"
+
+
+def find_resume(mode: str, root: str):
+    """--resume auto: the newest complete checkpoint under TRAIN_CKPT_PATH (None if there is
+    none); none: start afresh; else a checkpoint folder or file."""
+    if mode == "none":
+        return None
+    if mode != "auto":
+        return mode
+    return newest(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------
+
+def save(root: str, model, configs: dict, args, opt, sched, st: dict, extra: dict, keep_last: int, world: int):
+    """global_step{N}/model.pt written atomically, then meta.json last: only a folder with
+    meta.json counts. Holds everything an exact resume needs. configs: {"model": ModelConfig,
+    "data": DataConfig, "objective": ObjectiveConfig}. Keeps the newest `keep_last` folders plus
+    the best by validation. Returns the folder (None on ranks other than 0)."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    d = os.path.join(root, f"global_step{st['step']}")
+    state = {"model": model.state_dict(), **{f"{k}_config": c.to_dict() for k, c in configs.items()},
+             "config_version": CONFIG_VERSION, "args": dict(vars(args)), "global_step": st["step"], **st,
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, **extra}
+    with atomic_write(os.path.join(d, "model.pt"), "wb") as f:
+        torch.save(state, f)
+    dump_json({"global_step": st["step"], "epoch": st["epoch"], "micro": st["micro"],
+               **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}, os.path.join(d, "meta.json"))
+    if st["best"] is not None:
+        dump_json({"global_step": st["best"][0], "valid_NDCG@10": st["best"][1],
+                   "path": f"global_step{st['best'][0]}"}, os.path.join(root, "best.json"))
+    if keep_last > 0:
+        keep = {f"global_step{st['best'][0]}"} if st["best"] is not None else set()
+        for old in complete(root)[:-keep_last]:
+            if os.path.basename(old) not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def load_state(path: str, purpose: str = "load") -> dict:
+    """torch.load with weights_only=True; any failure is one DataError line naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as e:  # zip, pickle and torch errors alike; torch's advice to unpickle unsafely is dropped
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = type(e).__name__ if "weights_only" in str(e) or not first else first[:120]
+        raise DataError(f"{path}: cannot {purpose} this checkpoint, not a checkpoint of this project ({why})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DataError(f"{path}: cannot {purpose} this checkpoint, not a checkpoint of this project (no weights)")
+    return state
+
+
+def load_resume(path: str, model, opt, sched, model_cfg: ModelConfig, rank: int) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNGs; returns the saved state. Refuses
+    a checkpoint whose model config (migrated to this version) differs from the run's."""
+    f = path if os.path.isfile(path) else os.path.join(path, "model.pt")
+    ck = load_state(f, "resume from")
+    saved, _, _ = saved_configs(ck, f)
+    if saved != model_cfg:
+        diff = sorted(k for k, v in model_cfg.to_dict().items() if saved.to_dict()[k] != v)
+        raise DataError(f"{f}: checkpoint was trained with other settings ({', '.join(diff[:5])}); "
+                        f"pass --resume none or use another TRAIN_CKPT_PATH")
+    if "optimizer" not in ck:
+        raise DataError(f"{f}: holds weights only, no training state to resume from")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    rngs = ck["rng"]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return ck
+
+
+def load_for_inference(path: str) -> tuple:
+    """(model in eval mode on the CPU, DataConfig, model.pt path, why that checkpoint) for a
+    checkpoint file, folder or root (see find_for_inference); the model is rebuilt from the
+    checkpoint's own configs, so no training flag is repeated."""
+    f, why = find_for_inference(path)
+    state = load_state(f)
+    model_cfg, data_cfg, _ = saved_configs(state, f)
+    model = GenerativeRecommender(model_cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise DataError(f"{f}: weights do not match the model config ({detail[:160]})") from None
+    return model.eval(), data_cfg, f, why

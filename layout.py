@@ -1,0 +1,423 @@
+"""The TencentGR data layout, read safely: errors, the restricted unpickler, atomic writes, JSON and
+offsets readers, record validation and the layout's constants. Torch-free, so every script
+(evaluation, conversion, CTR priors, demo data) can use it without importing torch.
+
+The layout is described in docs/DATA_FORMAT.md. Every reader here fails with a DataError whose
+message is one line naming the file, the line or record and what was expected.
+"""
+import contextlib
+import io
+import itertools
+import json
+import os
+import pickle
+import sys
+import tempfile
+
+import numpy as np
+
+# Token types of an encoder sequence: [user token] + item events, left-padded.
+PAD, USER_TOKEN, ITEM_TOKEN = 0, 1, 2
+# Action ids on tokens and targets are action_type + 1 (0 is padding): 1 exposure, 2 click, 3 conversion.
+CLICK = 2
+# TencentGR timestamps are Unix seconds; its users live in UTC+8 (hour of day and weekday are local).
+TZ_OFFSET = 8 * 3600
+# Gap to the previous event: 0 pad, 1 "no previous event", 2.. log2 buckets of the gap in seconds.
+GAP_BUCKETS = 32
+# Embedding rows of each calendar and gap feature (0 = padding).
+TIME_VOCAB = {"hour": 25, "weekday": 8, "week": 54, "gap_bucket": GAP_BUCKETS}
+# Largest id the readers accept: ids are stored as int64.
+MAX_ID = 2**63 - 1
+RECORD_LAYOUT = "[user_id, item_id, user_feat, item_feat, action_type, timestamp]"
+
+
+class DataError(Exception):
+    """Bad or missing input. Scripts print str(err) as one line and exit non-zero."""
+
+    def __str__(self):
+        # A DataLoader worker re-raises as "Caught DataError in DataLoader worker ...\nOriginal
+        # Traceback ...\nlayout.DataError: <msg>": keep only the original one-line message.
+        msg = super().__str__()
+        if msg.startswith("Caught DataError") and "DataError: " in msg:
+            msg = msg.rsplit("DataError: ", 1)[1].strip()
+        return msg
+
+
+def run_cli(main, exit_codes=None):
+    """A script's entry point: runs main(); a known error (DataError, exit 2, plus any given in
+    exit_codes) becomes one "error: ..." line on stderr and that exit code, never a traceback."""
+    codes = {DataError: 2, **(exit_codes or {})}
+    try:
+        main()
+    except tuple(codes) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(next(c for t, c in codes.items() if isinstance(e, t)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe file I/O
+# ---------------------------------------------------------------------------------------------
+
+# The layout's pickles hold only builtin containers and numbers, plus defaultdict (indexer['f'])
+# and, in emb_81_32.pkl, numpy arrays. Anything else could execute code on load.
+_SAFE_GLOBALS = {
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
+    ("builtins", "bytes"), ("builtins", "bool"), ("builtins", "complex"),
+    ("collections", "defaultdict"), ("collections", "OrderedDict"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("numpy", "float32"), ("numpy", "float64"),
+    ("numpy", "int64"), ("numpy", "int32"), ("copyreg", "_reconstructor"),
+    ("builtins", "object"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def _first_line(e):
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def load_pickle(path):
+    """Unpickle `path` allowing only the builtin types these data files hold."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file, expected a pickle")
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f).load()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: unsafe or invalid pickle ({_first_line(e)}); only builtin containers, "
+                        f"numbers and numpy arrays are allowed") from None
+    except Exception as e:  # a damaged pickle fails in many ways: EOFError, ValueError, struct.error...
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **kwargs):
+    """Open a temporary file next to `path`; on success flush, fsync and rename it over `path`.
+
+    A crash midway leaves `path` untouched (old content or absent), never half-written.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)       # mkstemp makes 0600; give the usual file mode
+        with io.open(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def dump_pickle(obj, path):
+    with atomic_write(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+
+
+def dump_json(obj, path, **kwargs):
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout readers
+# ---------------------------------------------------------------------------------------------
+
+def read_offsets(path, seq_path=None):
+    """Byte offsets of each line. Accepts the list the layout specifies or a {reid: offset} dict
+    written by some converters (then lines are taken in file order).
+
+    The offsets are checked against the sequence file (`seq_path`; by default `<name>.jsonl`
+    beside `<name>_offsets.pkl`, when it exists) without reading it all: they must increase, and
+    the last one must start a line of the file after which only blank lines follow. That refuses
+    an offsets file from another seq file, offsets past the end and a count that disagrees with
+    the number of lines (too many or too few at the end). A wrong offset in the middle is refused
+    when its line is read: LineReader checks that each offset starts a line.
+    """
+    path = os.fspath(path)
+    off = load_pickle(path)
+    if isinstance(off, dict):
+        entries = off.items()
+    elif isinstance(off, (list, tuple)):
+        entries = enumerate(off)
+    else:
+        raise DataError(f"{path}: a pickled {type(off).__name__}, expected a list of byte offsets "
+                        f"(one per line of the seq file) or a dict re-id -> offset")
+    for k, o in entries:
+        if not isinstance(o, (int, np.integer)) or isinstance(o, bool) or o < 0:
+            raise DataError(f"{path}: entry {k!r} is {o!r}, expected a non-negative int byte offset")
+    off = sorted(int(o) for o in off.values()) if isinstance(off, dict) else [int(o) for o in off]
+    for k in range(1, len(off)):
+        if off[k] <= off[k - 1]:
+            raise DataError(f"{path}: entry {k} (byte offset {off[k]}) is not after entry {k - 1} "
+                            f"({off[k - 1]}), expected increasing offsets, one per line")
+    if seq_path is None and path.endswith("_offsets.pkl"):
+        seq_path = path[:-len("_offsets.pkl")] + ".jsonl"
+    if seq_path is not None and os.path.isfile(seq_path):
+        _check_offsets_cover(path, off, os.fspath(seq_path))
+    return off
+
+
+def _check_offsets_cover(path, off, seq):
+    """The cheap load-time check of read_offsets: an O(1) look at the end of `seq`."""
+    size = os.path.getsize(seq)
+    if size == 0:
+        raise DataError(f"{seq}: empty file, expected one JSON array of records per line")
+    if not off:
+        raise DataError(f"{path}: no offsets, but {seq} holds {size} bytes; expected one offset per line")
+    n, last = len(off), off[-1]
+    if last >= size:
+        raise DataError(f"{path}: entry {n - 1} (byte offset {last}) is past the end of {seq} "
+                        f"({size} bytes); is the offsets file from this seq file?")
+    with open(seq, "rb") as f:
+        f.seek(max(last - 1, 0))
+        if last and f.read(1) != b"\n":
+            raise DataError(f"{path}: entry {n - 1} (byte offset {last}) is not at a line start of "
+                            f"{seq}; is the offsets file from this seq file?")
+        f.readline()
+        end = f.tell()
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                raise DataError(f"{path}: {n} offsets, but {seq} has more lines (the line at the "
+                                f"last offset ends at byte {end} of {size}); expected one offset per line")
+
+
+def read_json(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_item_feat_dict(path):
+    """item_feat_dict.json: an object keyed by item re-id strings ("47086") whose values are
+    feature dicts (null for an item without features)."""
+    obj = read_json(path)
+    if type(obj) is not dict:
+        raise DataError(f"{path}: a JSON {json_type(obj)}, expected an object "
+                        f"{{item re-id: {{feature_id: value}}}}")
+    for k, fd in obj.items():
+        if not (k.isascii() and k.isdigit()):
+            raise DataError(f"{path}: key {json.dumps(k)} is not an item re-id, expected a "
+                            f"decimal integer string like \"47086\"")
+        check_feats(fd, path, f"item {json.dumps(k)}")
+    return obj
+
+
+def _json_error(where, e, expected):
+    """DataError for a line json.loads refused (JSONDecodeError, UnicodeDecodeError, RecursionError)."""
+    if isinstance(e, json.JSONDecodeError):
+        why = f"{e.msg}, column {e.colno}"
+    elif isinstance(e, UnicodeDecodeError):
+        why = f"not UTF-8: {e.reason} at column {e.start + 1}"
+    else:
+        why = "nested too deeply"
+    return DataError(f"{where}: invalid JSON ({why}), expected {expected}")
+
+
+def iter_jsonl(path):
+    """Yield (line_number, object) for each non-empty line of a JSON-lines file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise _json_error(f"{path}:{lineno}", e, "one JSON value per line") from None
+            yield lineno, obj
+
+
+
+def json_type(v):
+    """The JSON name of a parsed value's type, for messages."""
+    if isinstance(v, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def show_json(v):
+    """A parsed JSON value as the file spells it, cut to 40 characters."""
+    try:
+        s = json.dumps(v)
+    except (TypeError, ValueError):
+        s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def check_feats(fd, where, what):
+    """A feature dict: fid -> int, string (an unseen value at inference), a list of them, or null."""
+    if fd is None:
+        return
+    if type(fd) is not dict:
+        raise DataError(f"{where}: {what} is a JSON {json_type(fd)}, expected an object "
+                        f"{{feature_id: value}} or null")
+    for k, v in fd.items():
+        t = type(v)
+        if t is int or t is str or v is None or (t is list and all(type(x) in (int, str) for x in v)):
+            continue
+        raise DataError(f"{where}: {what} feature {json.dumps(k)} is {show_json(v)}, expected an int, "
+                        f"a string or a list of them")
+
+
+_FEAT_TYPES = frozenset((int, str, list, type(None)))
+
+
+def _feats_ok(dicts):
+    """check_feats' verdict for many dicts in one C-level pass (this runs for every sample)."""
+    vals = list(itertools.chain.from_iterable(map(dict.values, dicts)))
+    types = set(map(type, vals))
+    if not _FEAT_TYPES.issuperset(types):
+        return False
+    return list not in types or {int, str}.issuperset(
+        map(type, itertools.chain.from_iterable(v for v in vals if type(v) is list)))
+
+
+def record_problem(r, rec, raw_user_ids=True):
+    """Why record `r` does not fit the layout, as a message starting with `rec` ("record 3 of
+    9"), or None when it fits. This is the one record check of the project (training, inference,
+    CTR priors, evaluation baselines). It checks the six fields' types and ranges; feature dicts
+    are check_feats' business. An item id's upper range is the caller's: a raw creative id is
+    valid at inference. raw_user_ids: a user id may also be a raw string (inference files)."""
+    if type(r) is not list:
+        return f"{rec} is a JSON {json_type(r)}, expected a 6-element array {RECORD_LAYOUT}"
+    if len(r) != 6:
+        return f"{rec} has {len(r)} elements, expected 6 {RECORD_LAYOUT}"
+    u, item, _, _, act, ts = r
+    if not ((type(u) is int and 0 <= u <= MAX_ID) or (raw_user_ids and type(u) is str and u)):
+        return (f"{rec}: user_id is {show_json(u)}, expected a non-negative int (re-id)"
+                + (" or a non-empty string (raw id)" if raw_user_ids else " below 2^63"))
+    if type(ts) is not int or not 0 <= ts <= MAX_ID:
+        return f"{rec}: timestamp is {show_json(ts)}, expected a non-negative int (Unix seconds)"
+    if item is not None and (type(item) is not int or not 0 <= item <= MAX_ID):
+        return f"{rec}: item_id is {show_json(item)}, expected a non-negative int or null (profile record)"
+    if act is not None and (type(act) is not int or act not in (0, 1, 2)):
+        return f"{rec}: action_type is {show_json(act)}, expected 0, 1, 2 or null"
+    return None
+
+
+def parse_user_records(records, where):
+    """Split one user's line into (user_key, user_feat, events).
+
+    events: list of (item, item_feat, action, ts) in time order (stable sort by timestamp); a
+    null action is an exposure. The profile record's timestamp is dropped here on purpose: it is
+    written after the target and would leak its timing. Every record passes record_problem and
+    every feature dict check_feats; records are numbered from 1 in messages.
+    """
+    if type(records) is not list:
+        raise DataError(f"{where}: the line is a JSON {json_type(records)}, expected a JSON array of "
+                        f"records {RECORD_LAYOUT}")
+    if not records:
+        raise DataError(f"{where}: empty array, expected at least one record {RECORD_LAYOUT}")
+    user, user_feat, events, feats, n = None, None, [], [], len(records)
+    for j, r in enumerate(records, 1):
+        rec = f"record {j} of {n}"
+        msg = record_problem(r, rec)
+        if msg is not None:
+            raise DataError(f"{where}: {msg}")
+        u, item, uf, itf, act, ts = r
+        if user is None:
+            user = u
+        if item is None:
+            check_feats(uf, where, f"{rec}: user_feat")
+            user_feat = uf or user_feat
+            continue
+        if itf is not None:
+            if type(itf) is not dict:
+                check_feats(itf, where, f"{rec}: item_feat")
+            feats.append((rec, itf))
+        events.append((item, itf, 0 if act is None else act, ts))
+    if not _feats_ok(fd for _, fd in feats):
+        for rec, fd in feats:
+            check_feats(fd, where, f"{rec}: item_feat")
+    events.sort(key=lambda e: e[3])
+    return user, user_feat, events
+
+
+
+class LineReader:
+    """Random access to lines of a JSON-lines file by the offsets pickle; one handle per process."""
+
+    def __init__(self, path, offsets):
+        self.path, self.offsets = os.fspath(path), offsets
+        if not os.path.isfile(self.path):
+            raise DataError(f"{self.path}: file not found")
+        self.size = os.path.getsize(self.path)
+        self._fh, self._pid = None, None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def line_bytes(self):
+        """Bytes per line (up to the next offset, the last to the end of the file): a proxy for
+        each user's number of events that costs no read."""
+        return np.diff(np.append(np.asarray(self.offsets, np.int64), self.size))
+
+    def __getitem__(self, i):
+        if self._fh is None or self._pid != os.getpid():
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        off, where = self.offsets[i], f"{self.path}:{i + 1}"
+        if off >= self.size:
+            raise DataError(f"{where}: byte offset {off} is past the end of the file ({self.size} "
+                            f"bytes); is the offsets file from this seq file?")
+        # one byte more per read: the offset must follow a newline (or be 0)
+        self._fh.seek(max(off - 1, 0))
+        if off and self._fh.read(1) != b"\n":
+            raise DataError(f"{where}: byte offset {off} is not at a line start (the byte before it "
+                            f"is not a newline); is the offsets file from this seq file?")
+        raw = self._fh.readline()
+        if not raw.strip():
+            raise DataError(f"{where}: empty line at byte offset {off}, expected a JSON array of records")
+        try:
+            return json.loads(raw), where
+        except (ValueError, RecursionError) as e:
+            raise _json_error(where, e, "a JSON array of records") from None
+
+
+def with_location(where, fn, *args):
+    """Call fn; a DataError it raises without a location gets `where` (file:line) in front."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        if str(e).startswith(where.rsplit(":", 1)[0]):
+            raise
+        raise DataError(f"{where}: {e}") from None
+

@@ -1,0 +1,268 @@
+"""Training objectives: next-item InfoNCE, the rank-package loss, per-target weights, the
+hard-negative cache, and the Trainer module that turns a batch into named loss parts.
+
+InfoNCE follows sampled softmax with a logQ correction (Yi et al. 2019) on L2-normalised
+vectors: each target competes with in-batch targets and uniformly sampled negatives (or, with
+num_neg = -1, the whole catalogue: plain cross-entropy), accidental hits masked. The rank loss
+orders per-target packages from the user's own history (positive > clicked > exposed > random),
+which the seed solution calls rank packages. Objective settings live in ObjectiveConfig, which
+every checkpoint stores next to the model and data configs.
+"""
+import os
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from layout import CLICK, PAD, DataError, dump_pickle, load_pickle
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    temperature: float = 0.05          # InfoNCE temperature on cosine similarities
+    num_neg: int = 512                 # shared uniform negatives per batch; -1 = the whole catalogue
+    in_batch_neg: bool = True          # the batch's other targets are negatives too
+    in_batch_max: int = 2048           # at most this many of them (a random subset)
+    logq: bool = True                  # subtract log expected sampling count from every logit
+    nce_weight_scheme: str = "none"    # none | fixed | cb | focal
+    click_weight: float = 2.0
+    focal_gamma: float = 2.0
+    two_tau: bool = False              # temperature by the target's action
+    tau_click: float = 0.03
+    tau_expo: float = 0.05
+    use_rankloss: bool = False
+    rankloss_mode: str = "listwise"    # pairwise | listwise
+    lambda_rank: float = 0.5
+    rank_pkg_as_neg: bool = False      # package items are per-target hard negatives in InfoNCE
+    use_hard_neg: bool = False
+    hard_neg_k: int = 8
+    hard_neg_pool: int = 20000
+    hard_neg_refresh: int = 100
+
+    LEGACY: ClassVar[dict] = {}
+    RENAMED: ClassVar[dict] = {}
+    REMOVED: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def full_softmax(self) -> bool:
+        return self.num_neg < 0
+
+
+def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None,
+             row_negs=None, row_neg_ids=None):
+    """Per-target InfoNCE on L2-normalised vectors -> (loss [N], positive logit [N]).
+
+    Candidates: the positive, the other targets of the batch (in_batch; in_batch_idx picks a
+    random subset of them to bound the cost) and shared sampled negatives. Any candidate with the
+    positive's item id (including the target itself among the in-batch columns) is masked: an
+    accidental hit is not a negative. row_negs [N, K, d] are per-target hard negatives
+    (row_neg_ids 0 = empty slot), masked the same way and not popularity-corrected (they are not
+    drawn by popularity). With log_pop, every logit (positive included) is corrected by the log
+    of the item's expected count in the candidate set, N * p(item) for in-batch plus
+    S / num_items for uniform samples (sampled softmax, Yi et al. 2019); without it popular
+    items are over-penalised.
+    """
+    pos_logit = (q * pos).sum(-1)                                      # [N]
+    cols, ids = [], []
+    if in_batch:
+        sel = slice(None) if in_batch_idx is None else in_batch_idx
+        cols.append(pos[sel])
+        ids.append(pos_ids[sel])
+    if negs is not None:
+        cols.append(negs)
+        ids.append(neg_ids)
+    if not cols and row_negs is None:
+        raise ValueError("InfoNCE needs in-batch, sampled or per-target negatives")
+    cand = torch.cat(cols) if cols else q.new_zeros(0, q.shape[1])    # [M, d]
+    cand_ids = torch.cat(ids) if ids else pos_ids.new_zeros(0)
+    n_in = len(ids[0]) if in_batch else 0
+    neg_logit = (q @ cand.T).masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]
+    if log_pop is not None:
+        def log_expected(i):
+            e = torch.zeros(i.shape, device=q.device)
+            if in_batch:
+                e = e + n_in * log_pop[i].exp()
+            if negs is not None:
+                e = e + (1.0 if len(neg_ids) >= num_items else len(neg_ids) / max(1, num_items))
+            return e.log()
+        logits = logits - torch.cat([log_expected(pos_ids).unsqueeze(1),
+                                     log_expected(cand_ids).unsqueeze(0).expand(len(q), -1)], 1)
+    if row_negs is not None:
+        hard = (q.unsqueeze(1) * row_negs).sum(-1)                      # [N, K]
+        hard = hard.masked_fill((row_neg_ids == 0) | (row_neg_ids == pos_ids.unsqueeze(1)), float("-inf"))
+        logits = torch.cat([logits, hard / tau.unsqueeze(1)], 1)
+    return torch.logsumexp(logits, 1) - logits[:, 0], pos_logit
+
+
+def rank_loss(s_pos, s_pkg, grade, mode):
+    """Graded ranking of [positive (grade 4), package items (grade 1-3; 0 = masked)] per target.
+
+    pairwise: mean over ordered pairs (higher grade i, lower grade j) of -log sigmoid(s_i - s_j);
+    listwise: cross-entropy between softmax(scores) and targets proportional to 2^grade - 1.
+    Returns the mean over targets that have at least one valid package item.
+    """
+    scores = torch.cat([s_pos.unsqueeze(1), s_pkg], 1)                  # [N, 1 + K]
+    g = torch.cat([torch.full_like(grade[:, :1], 4), grade], 1)
+    valid = g > 0
+    has = valid[:, 1:].any(1)
+    if not has.any():
+        return scores.sum() * 0.0
+    if mode == "pairwise":
+        pair = (g.unsqueeze(2) > g.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)   # [N, 1+K, 1+K]
+        lp = F.logsigmoid(scores.unsqueeze(2) - scores.unsqueeze(1))
+        per = -(lp * pair).sum((1, 2)) / pair.sum((1, 2)).clamp(min=1)
+    else:
+        target = (2.0 ** g - 1) * valid
+        target = target / target.sum(1, keepdim=True)
+        logp = torch.log_softmax(scores.masked_fill(~valid, float("-inf")), 1)
+        per = -(target * torch.where(valid, logp, torch.zeros_like(logp))).sum(1)
+    return per[has].mean()
+
+
+def nce_weights(scheme, pos_act, loss, click_weight=2.0, gamma=2.0, click_rate=0.1):
+    """Per-target weights by the target's action (action ids: 1 exposure, 2 click, 3 conversion).
+
+    fixed: clicks weigh click_weight; cb: class-balanced, 1 / (2 * class share) so both classes
+    weigh the same in total; focal: (1 - p_pos)^gamma with p_pos = exp(-loss), detached.
+    """
+    click = pos_act >= CLICK
+    if scheme == "none":
+        return torch.ones_like(loss)
+    if scheme == "fixed":
+        return torch.where(click, click_weight, 1.0).to(loss.dtype)
+    if scheme == "cb":
+        r = min(max(click_rate, 1e-6), 1 - 1e-6)
+        return torch.where(click, 0.5 / r, 0.5 / (1 - r)).to(loss.dtype)
+    if scheme == "focal":
+        return (1 - torch.exp(-loss.detach())).clamp(min=0).pow(gamma)
+    raise ValueError(f"unknown nce_weight_scheme {scheme!r}")
+
+
+class Trainer(torch.nn.Module):
+    """The whole loss as one forward(), so DistributedDataParallel sees every parameter use.
+
+    forward(batch) -> (total, parts, last): parts maps each loss term's name ("nce", and "rank"
+    with the rank loss) to its value, total is their sum weighted by `weights`, and last holds
+    each user's newest-position query asking for a click (what the hard-negative cache ranks
+    with), detached.
+    """
+
+    def __init__(self, model, cfg: ObjectiveConfig, log_pop: torch.Tensor, num_items: int, click_rate: float):
+        super().__init__()
+        self.model, self.cfg, self.num_items, self.click_rate = model, cfg, num_items, click_rate
+        self.weights = {"nce": 1.0, "rank": cfg.lambda_rank}
+        self.register_buffer("log_pop", log_pop, persistent=False)
+
+    def forward(self, batch: dict):
+        m, c = self.model, self.cfg
+        h = m.encode(batch)                                                # [B, T, d]
+        valid = (batch["pos_row"] > 0) & (batch["token_type"] != PAD)      # [B, T]
+        pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
+        q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
+        negs = m.embed_items(batch, "neg_") if c.num_neg else None
+        # full softmax without per-target inputs (leave-one-out CTR, extra negatives) is plain
+        # cross-entropy over the catalogue's vectors: no separate target tower, no masks
+        fast = c.full_softmax and not m.cfg.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
+        pos = None if fast else m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
+                                              and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
+        tau = torch.full(pos_ids.shape, c.temperature, device=q.device)
+        if c.two_tau:
+            tau = torch.where(pos_act >= CLICK, c.tau_click, c.tau_expo).float()
+        sub = None
+        if len(pos_ids) > c.in_batch_max:
+            sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:c.in_batch_max]
+        qn = F.normalize(q.float(), dim=-1)
+        posn = None if fast else F.normalize(pos.float(), dim=-1)
+        pkg = pkg_ids = None
+        hard, hard_ids = [], []
+        if "pkg_row" in batch:
+            pkg = F.normalize(m.embed_items(batch, "pkg_")[batch["pkg_inv"][valid]].float(), dim=-1)   # [N, 5, d]
+            pkg_ids = batch["pkg_row"][valid] * (batch["pkg_grade"][valid] > 0)
+            if c.rank_pkg_as_neg:
+                hard, hard_ids = [pkg], [pkg_ids]
+        if "hard_row" in batch:
+            B, K = batch["hard_row"].shape
+            user_of = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)[valid]     # [N]
+            hv = F.normalize(m.embed_items(batch, "hard_").float(), dim=-1).view(B, K, -1)     # [B, K, d]
+            hard.append(hv[user_of])                                                          # [N, K, d]
+            hard_ids.append(batch["hard_row"][user_of])
+        if fast:
+            # 1/tau folded into the queries: one pass less over the [N, num_items] matrix
+            logits = (qn / tau.unsqueeze(1)) @ F.normalize(negs.float(), dim=-1).T    # [N, num_items]
+            loss = F.cross_entropy(logits, pos_ids - 1, reduction="none")
+            s_pos = logits.gather(1, (pos_ids - 1).unsqueeze(1)).squeeze(1) * tau
+        else:
+            loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else F.normalize(negs.float(), dim=-1),
+                                   batch.get("neg_row"), tau, self.log_pop if c.logq and not c.full_softmax else None,
+                                   self.num_items, c.in_batch_neg and not c.full_softmax, sub,
+                                   torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
+        w = nce_weights(c.nce_weight_scheme, pos_act, loss, c.click_weight, c.focal_gamma, self.click_rate)
+        parts = {"nce": (loss * w).sum() / w.sum().clamp(min=1e-9)}
+        if c.use_rankloss:
+            # an accidental hit (package item == target) is masked, not ranked below itself
+            grade = batch["pkg_grade"][valid] * (pkg_ids != pos_ids.unsqueeze(1))
+            s_pkg = (qn.unsqueeze(1) * pkg).sum(-1)                                            # [N, 5]
+            parts["rank"] = rank_loss(s_pos / tau, s_pkg / tau.unsqueeze(1), grade, c.rankloss_mode)
+        total = sum(self.weights[name] * value for name, value in parts.items())
+        nxt = torch.full_like(batch["user_id"], CLICK) if m.cfg.action_cond else None
+        last = F.normalize(m.query(h[:, -1], nxt).detach().float(), dim=-1)                   # [B, d]
+        return total, parts, last
+
+
+class HardNegativeCache:
+    """Per-user items the model currently scores high that are not the user's positives.
+
+    Refreshed during training: a random pool of `pool` catalogue items is embedded with the
+    current item tower every `refresh` optimizer steps; after each step the batch's users get
+    their top-`k` pool items, excluding every item of their training sequence. Persisted (atomic
+    write, restricted unpickler on load) to USER_CACHE_PATH/hard_negative_cache.pkl and reused
+    by the next run. Training only: inference never reads it.
+    """
+
+    def __init__(self, path: str, k: int, pool: int, refresh: int):
+        self.path, self.k, self.pool, self.refresh = path, k, pool, refresh
+        self.items = {}
+        if os.path.exists(path):
+            data = load_pickle(path)
+            if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+                raise DataError(f"{path}: expected a dict user re-id -> list of item re-ids")
+            self.items = data
+        self.pool_rows = self.pool_vecs = None
+
+    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(user_ids), self.k), np.int64)
+        for i, u in enumerate(user_ids.tolist()):
+            v = self.items.get(u, [])[:self.k]
+            out[i, :len(v)] = v
+        return out
+
+    @torch.no_grad()
+    def refresh_pool(self, model, table, num_items: int, device) -> None:
+        was = model.training
+        model.eval()
+        n = min(self.pool, num_items)
+        self.pool_rows = torch.randperm(num_items)[:n].numpy() + 1
+        vecs = [model.item_vectors({k: v.to(device) for k, v in table.gather(self.pool_rows[i:i + 4096], "p_").items()}, "p_")
+                for i in range(0, n, 4096)]
+        self.pool_vecs = torch.cat(vecs)
+        model.train(was)
+
+    @torch.no_grad()
+    def update(self, user_ids: torch.Tensor, queries: torch.Tensor, user_items: list) -> None:
+        """user_items: each user's every training item (the whole line, not just the window)."""
+        scores = queries @ self.pool_vecs.T                                    # [B, pool]
+        extra = max((len(s) for s in user_items), default=0)
+        top = scores.topk(min(self.k + extra, scores.shape[1]), 1).indices.cpu().numpy()
+        for u, idx, own in zip(user_ids.tolist(), top, user_items):
+            if u > 0:      # unknown users share id 0: no per-user cache
+                own = set(own.tolist())
+                self.items[u] = [int(r) for r in self.pool_rows[idx] if int(r) not in own][:self.k]
+
+    def save(self) -> None:
+        dump_pickle(self.items, self.path)
