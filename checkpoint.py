@@ -115,17 +115,34 @@ def step_of(folder: str) -> int:
     return int(folder.rsplit("global_step", 1)[1])
 
 
-def complete(root: str) -> list:
-    """global_step folders of `root` whose meta.json exists, by step."""
+def complete(root: str, run: str = None) -> list:
+    """global_step folders of `root` whose meta.json exists (of one run when `run` is given), by step."""
     done = [p for p in glob.glob(os.path.join(root, "global_step*"))
             if p.rsplit("global_step", 1)[1].isdigit() and os.path.exists(os.path.join(p, "meta.json"))]
+    if run is not None:
+        done = [p for p in done if meta_of(p).get("run") == run]
     return sorted(done, key=step_of)
 
 
+def meta_of(folder: str) -> dict:
+    """A checkpoint folder's meta.json ({} when unreadable: such a folder is not this run's)."""
+    try:
+        meta = read_json(os.path.join(folder, "meta.json"))
+    except DataError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def newest(root: str):
-    """The newest complete checkpoint folder of `root`, or None."""
+    """The most recently written complete checkpoint folder of `root` (by meta.json's time, so a
+    later run beats an earlier one's higher step numbers), or None."""
     done = complete(root)
-    return done[-1] if done else None
+    return max(done, key=lambda p: (os.path.getmtime(os.path.join(p, "meta.json")), step_of(p))) if done else None
+
+
+def runs_in(root: str) -> set:
+    """The run ids of the complete checkpoints in `root` ("unknown" for checkpoints without one)."""
+    return {meta_of(p).get("run", "unknown") for p in complete(root)}
 
 
 def best(root: str):
@@ -156,7 +173,11 @@ def find_for_inference(path: str) -> tuple:
     folder = newest(path)
     if folder is None:
         raise DataError(f"{path}: no checkpoint (looked for model.pt or global_step*/meta.json)")
-    return os.path.join(folder, "model.pt"), "newest complete checkpoint (no best.json)"
+    runs = runs_in(path)
+    why = "newest complete checkpoint (no best.json)"
+    if len(runs) > 1:
+        why += f"; the folder holds {len(runs)} runs, this is run {meta_of(folder).get('run', 'unknown')}'s"
+    return os.path.join(folder, "model.pt"), why
 
 
 def find_resume(mode: str, root: str):
@@ -191,17 +212,27 @@ def save(root: str, model, configs: dict, args, opt, sched, st: dict, extra: dic
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, **extra}
     with atomic_write(os.path.join(d, "model.pt"), "wb") as f:
         torch.save(state, f)
-    dump_json({"global_step": st["step"], "epoch": st["epoch"], "micro": st["micro"],
+    dump_json({"global_step": st["step"], "epoch": st["epoch"], "micro": st["micro"], "run": st.get("run"),
                **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}, os.path.join(d, "meta.json"))
     if st["best"] is not None:
-        dump_json({"global_step": st["best"][0], "valid_NDCG@10": st["best"][1],
-                   "path": f"global_step{st['best'][0]}"}, os.path.join(root, "best.json"))
+        dump_json({"global_step": st["best"][0], "valid_NDCG@10": st["best"][1], "path": f"global_step{st['best'][0]}",
+                   "run": st.get("run"), **({"mask_history": st["best"][2]} if len(st["best"]) > 2 else {})},
+                  os.path.join(root, "best.json"))
     if keep_last > 0:
+        # only this run's own checkpoints rotate: another run's are never deleted
         keep = {f"global_step{st['best'][0]}"} if st["best"] is not None else set()
-        for old in complete(root)[:-keep_last]:
+        for old in complete(root, st.get("run"))[:-keep_last]:
             if os.path.basename(old) not in keep:
                 shutil.rmtree(old, ignore_errors=True)
     return d
+
+
+def mark_done(folder: str, why: str) -> None:
+    """Record in a checkpoint's meta.json that its run ended there (`why`): resuming it has
+    nothing left to do."""
+    meta = meta_of(folder)
+    if meta:
+        dump_json({**meta, "done": why}, os.path.join(folder, "meta.json"))
 
 
 def load_state(path: str, purpose: str = "load") -> dict:
@@ -228,7 +259,7 @@ def load_resume(path: str, model, opt, sched, model_cfg: ModelConfig, rank: int)
     if saved != model_cfg:
         diff = sorted(k for k, v in model_cfg.to_dict().items() if saved.to_dict()[k] != v)
         raise DataError(f"{f}: checkpoint was trained with other settings ({', '.join(diff[:5])}); "
-                        f"pass --resume none or use another TRAIN_CKPT_PATH")
+                        f"use another TRAIN_CKPT_PATH for a run with these flags")
     if "optimizer" not in ck:
         raise DataError(f"{f}: holds weights only, no training state to resume from")
     model.load_state_dict(ck["model"])
@@ -240,9 +271,10 @@ def load_resume(path: str, model, opt, sched, model_cfg: ModelConfig, rank: int)
 
 
 def load_for_inference(path: str) -> tuple:
-    """(model in eval mode on the CPU, DataConfig, model.pt path, why that checkpoint) for a
-    checkpoint file, folder or root (see find_for_inference); the model is rebuilt from the
-    checkpoint's own configs, so no training flag is repeated."""
+    """(model in eval mode on the CPU, DataConfig, model.pt path, info) for a checkpoint file,
+    folder or root (see find_for_inference); the model is rebuilt from the checkpoint's own
+    configs, so no training flag is repeated. info: "why" that checkpoint, and "mask_history",
+    whether validation preferred masking each user's history (None when it did not say)."""
     f, why = find_for_inference(path)
     state = load_state(f)
     model_cfg, data_cfg, _ = saved_configs(state, f)
@@ -252,4 +284,4 @@ def load_for_inference(path: str) -> tuple:
     except RuntimeError as e:
         detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise DataError(f"{f}: weights do not match the model config ({detail[:160]})") from None
-    return model.eval(), data_cfg, f, why
+    return model.eval(), data_cfg, f, {"why": why, "mask_history": state.get("valid_mask_history")}

@@ -344,11 +344,17 @@ def _write_jsonl(path, lines):
     return offsets
 
 
-def convert(fmt, input_path, out, min_rating=None, min_seq_len=3):
+def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"):
     """Convert `input_path` (format 'movielens' or 's3rec') into the layout under `out`.
 
-    Returns the dict written to out/dataset_meta.json.
+    targets "last": the benchmark protocol's leave-one-out (valid target = second-last event,
+    test target = last, of any action). targets "clicks": the TencentGR task's kind of target,
+    a click: test target = the user's last click, valid target = the click before it, train =
+    every event before the valid target; users without two such clicks are not evaluated and
+    train on all their events. Returns the dict written to out/dataset_meta.json.
     """
+    if targets not in ("last", "clicks"):
+        raise DataError(f"--targets {targets!r}: expected last or clicks")
     if min_seq_len < 3:
         raise DataError(f"--min_seq_len {min_seq_len}: must be at least 3 (train, valid and test "
                         f"each need an event)")
@@ -404,15 +410,25 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3):
         recs.append(f"[{ureid},null,{profile},null,null,{ts[idx[-1]] + step}]")
         return "[" + ",".join(recs) + "]"
 
-    per_user = []
+    per_user = []       # (re-id, raw id, event indices in time order, profile, (valid, test) target positions)
     for k, (u, s, c) in enumerate(zip(users.tolist(), starts.tolist(), counts.tolist()), 1):
         profile = _dumps(_map_feats(user_meta.get(u, {}), fmap))
-        per_user.append((k, str(u), order[s:s + c].tolist(), profile))
+        idx = order[s:s + c].tolist()
+        if targets == "last":
+            cuts = (c - 2, c - 1)
+        else:
+            clicks = [j for j in range(1, c) if action[idx[j]] >= 1]
+            cuts = (clicks[-2], clicks[-1]) if len(clicks) >= 2 else None
+        per_user.append((k, str(u), idx, profile, cuts))
+    evaluated = [p for p in per_user if p[4] is not None]
+    if not evaluated:
+        raise DataError(f"{input_path}: no user has two clicks after a first event, so none can be evaluated "
+                        f"(--targets clicks); lower --min_rating or use --targets last")
     bar = dict(unit=" users", disable=not sys.stderr.isatty())
 
     train = os.path.join(out, "train")
     offs = _write_jsonl(os.path.join(train, "seq.jsonl"),
-                        (line(k, idx[:-2], prof) for k, _, idx, prof in
+                        (line(k, idx[:cuts[0]] if cuts else idx, prof) for k, _, idx, prof, cuts in
                          tqdm(per_user, desc="train", **bar)))
     dump_pickle(offs, os.path.join(train, "seq_offsets.pkl"))
     dump_pickle({"u": indexer_u, "i": indexer_i, "f": fmap, "a": {1: 1, 0: 2}},
@@ -421,16 +437,16 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3):
               os.path.join(train, "item_feat_dict.json"), separators=(",", ":"))
     predict_set = [_dumps({"creative_id": i, "retrieval_id": k, "features": f})
                    for k, (i, f) in enumerate(zip(catalogue.tolist(), item_feats))]
-    for split, cut in (("valid", 2), ("test", 1)):
+    for split, which in (("valid", 0), ("test", 1)):
         d = os.path.join(out, split)
         offs = _write_jsonl(os.path.join(d, "predict_seq.jsonl"),
-                            (line(k, idx[:-cut], prof) for k, _, idx, prof in
-                             tqdm(per_user, desc=split, **bar)))
+                            (line(k, idx[:cuts[which]], prof) for k, _, idx, prof, cuts in
+                             tqdm(evaluated, desc=split, **bar)))
         dump_pickle(offs, os.path.join(d, "predict_seq_offsets.pkl"))
         _write_jsonl(os.path.join(d, "predict_set.jsonl"), predict_set)
         _write_jsonl(os.path.join(d, "ground_truth.jsonl"),
-                     (_dumps({"user_id": raw, "creative_id": item_raw[idx[-cut]]})
-                      for _, raw, idx, _ in per_user))
+                     (_dumps({"user_id": raw, "creative_id": item_raw[idx[cuts[which]]]})
+                      for _, raw, idx, _, cuts in evaluated))
 
     n_kept = int(counts.sum())
     clicks = int(cols["action"][kept].sum())
@@ -444,10 +460,15 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3):
         "timestamp_unit": "unix seconds" if has_ts else "position (1-based)",
         "profile_ts": f"last history ts + {step}",
         "min_rating": min_rating, "min_seq_len": min_seq_len,
-        "split": "leave-one-out on stable (ts, file order) sort: train = all but last 2, "
-                 "valid target = second-last, test target = last (targets of any action)",
-        "counts": {"users": len(users), "items": len(catalogue), "events": n_kept,
-                   "train_events": n_kept - 2 * len(users), "clicks": clicks,
+        "targets": targets,
+        "split": ("leave-one-out on stable (ts, file order) sort: train = all but last 2, "
+                  "valid target = second-last, test target = last (targets of any action)") if targets == "last" else
+                 ("on stable (ts, file order) sort: test target = last click, valid target = the click before it, "
+                  "train = events before the valid target; users without two clicks after a first event train on "
+                  "everything and are not evaluated"),
+        "counts": {"users": len(users), "items": len(catalogue), "events": n_kept, "evaluated_users": len(evaluated),
+                   "train_events": sum(cuts[0] if cuts else len(idx) for _, _, idx, _, cuts in per_user),
+                   "clicks": clicks,
                    "exposures": n_kept - clicks, "users_dropped": users_dropped,
                    "events_dropped": events_dropped,
                    "items_without_features": sum(not f for f in item_feats),
@@ -460,7 +481,8 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3):
     return meta
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (docs/FLAGS.md is generated from it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=["movielens", "s3rec"],
@@ -474,9 +496,17 @@ def main(argv=None):
                         "default every event is a click")
     p.add_argument("--min_seq_len", type=int, default=3,
                    help="drop users with fewer events (at least 3, the leave-one-out minimum)")
-    args = p.parse_args(argv)
+    p.add_argument("--targets", choices=["last", "clicks"], default="last",
+                   help="last: valid/test targets are each user's second-last/last event (the benchmark protocol); "
+                        "clicks: the last two clicks, as in the TencentGR task (events before the first of them "
+                        "train)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
-        meta = convert(args.format, args.input, args.out, args.min_rating, args.min_seq_len)
+        meta = convert(args.format, args.input, args.out, args.min_rating, args.min_seq_len, args.targets)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

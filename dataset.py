@@ -8,6 +8,7 @@ from the data (the schema, the CTR standardisation, the multimodal dimensions) r
 DataConfig.
 """
 import dataclasses
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataError, LineReader, dump_json, iter_jsonl,
-                    load_pickle, parse_user_records, read_item_feat_dict, read_json, read_offsets, show_json,
-                    with_location)
+from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataError, LineReader, atomic_write,
+                    dump_json, file_fingerprint, iter_jsonl, load_pickle, parse_user_records, read_item_feat_dict,
+                    read_json, read_offsets, same_source, show_json, with_location)
 import precompute_ctr as P
 from precompute_ctr import ctr_value, load_ctr
 
@@ -214,22 +215,45 @@ def iter_mm_vectors(emb_dir: str, fid: str):
             yield _mm_cid(obj["anonymous_cid"], where), _mm_vector(obj["emb"], where), where
 
 
+def mm_fingerprint(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int) -> dict:
+    """What a multimodal cache is built from: the item count, a hash of the creative id -> re-id
+    map, and each source file's name, size and modification time (None when the vectors are not
+    at hand, e.g. at inference without creative_emb/)."""
+    keys = np.fromiter(cid_to_reid.keys(), np.int64, len(cid_to_reid))
+    vals = np.fromiter(cid_to_reid.values(), np.int64, len(cid_to_reid))
+    order = np.argsort(keys, kind="stable")
+    ids = hashlib.sha1(keys[order].tobytes() + vals[order].tobytes()).hexdigest()
+    srcs = None
+    if emb_dir and os.path.isdir(emb_dir):
+        srcs = [[os.path.relpath(p, emb_dir), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in mm_sources(emb_dir, fid)]
+    return {"num_items": num_items, "ids_sha1": ids, "sources": srcs}
+
+
 def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, cache_dir: str) -> tuple:
     """Convert feature `fid` to `cache_dir/mm/emb_{fid}.npy` (rows: 0 pad, 1..num_items by item
     re-id, then creative ids unknown to the indexer) plus a JSON index written last.
 
     Returns (memmap table, meta) where meta has 'dim', 'mask' (bool per row) and 'extra' (cid ->
-    row). Reuses the cache when the index exists and matches the number of items.
+    row). The cache is reused only when its fingerprint (mm_fingerprint) matches: same items,
+    same id map, same source files (not checked when the sources are not at hand); otherwise it
+    is rebuilt, with a notice.
     """
     out = os.path.join(cache_dir, "mm")
     npy, idx_path = os.path.join(out, f"emb_{fid}.npy"), os.path.join(out, f"emb_{fid}.index.json")
+    mask_path = os.path.join(out, f"emb_{fid}.mask.npy")
+    fp = mm_fingerprint(emb_dir, fid, cid_to_reid, num_items)
     if os.path.exists(idx_path):
         meta = read_json(idx_path)
-        if meta.get("num_items") == num_items and os.path.exists(npy):
+        old = meta.get("fingerprint") or {"num_items": meta.get("num_items")}
+        same = (old.get("num_items") == num_items and old.get("ids_sha1") in (None, fp["ids_sha1"])
+                and (fp["sources"] is None or old.get("sources") == fp["sources"]))
+        if same and os.path.exists(npy) and os.path.exists(mask_path):
             table = np.load(npy, mmap_mode="r")
             meta["extra"] = {int(c): r for c, r in meta["extra"].items()}
-            meta["mask"] = np.load(os.path.join(out, f"emb_{fid}.mask.npy"))
+            meta["mask"] = np.load(mask_path)
             return table, meta
+        print(f"notice: {idx_path} was built from other data (items, ids or creative_emb files changed); rebuilding",
+              flush=True)
     if not emb_dir or not os.path.isdir(emb_dir):
         raise DataError(f"{emb_dir or 'creative_emb'}: folder not found, expected the vectors of "
                         f"multimodal feature {fid} (emb_{fid}_*.pkl or emb_{fid}_*/part-*)")
@@ -260,8 +284,9 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
     table.flush()
     del table
     os.replace(tmp, npy)
-    np.save(os.path.join(out, f"emb_{fid}.mask.npy"), mask)
-    dump_json({"fid": fid, "dim": dim, "num_items": num_items, "rows": rows,
+    with atomic_write(mask_path, "wb") as f:
+        np.save(f, mask)
+    dump_json({"fid": fid, "dim": dim, "num_items": num_items, "rows": rows, "fingerprint": fp,
                "extra": {str(c): r for c, r in extra.items()}}, idx_path)
     return build_mm_cache(emb_dir, fid, cid_to_reid, num_items, cache_dir)
 
@@ -499,14 +524,16 @@ class SequenceBuilder:
 # ---------------------------------------------------------------------------------------------
 
 class SeqDataset(torch.utils.data.Dataset):
-    """Training users, one sample per line of seq.jsonl."""
+    """Training users, one sample per line of seq.jsonl. `cut` {line: k} keeps only the first k
+    events (time order) of a line: the rest is the validation slice's (holdout_last_clicks), and
+    never a training target."""
 
     def __init__(self, seq_path: str, offsets: list, builder: SequenceBuilder, train: bool = True, seed: int = 0,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, cut: dict = None):
         self.lines, self.builder, self.train = LineReader(seq_path, offsets), builder, train
         # package sampling depends only on (seed, epoch, line): workers need no shared RNG state
         self.seed, self.epoch = seed, 0
-        self.skip_bad = skip_bad
+        self.skip_bad, self.cut = skip_bad, cut or {}
 
     def __len__(self):
         return len(self.lines)
@@ -516,7 +543,12 @@ class SeqDataset(torch.utils.data.Dataset):
         try:
             records, where = self.lines[i]
             user, user_feat, events = parse_user_records(records, where)
-            s = with_location(where, self.builder.build, user, user_feat, events, self.train, rng)
+            k = self.cut.get(i)
+            s = with_location(where, self.builder.build, user, user_feat, events if k is None else events[:k],
+                              self.train, rng)
+            if k is not None and "_items" in s:
+                # the held-out click is still this user's positive: never one of its hard negatives
+                s["_items"] = with_location(where, self.builder.item_rows, [e[0] for e in events])
         except DataError as e:
             if not self.skip_bad:
                 raise
@@ -548,6 +580,31 @@ def scan_profiles(seq_path: str, offsets: list, limit: int = 5000, skip_bad: boo
     return out
 
 
+def holdout_last_clicks(seq_path: str, offsets: list, n_users: int, seed: int, skip_bad: bool = False) -> dict:
+    """The validation slice of a training folder, the competition's own offline proxy: up to
+    n_users lines (a seeded sample, at most half of them), each with its user's last click that
+    has an event before it. Returns {line: k}: events[:k] (time order) are the history, event k
+    the target, and training keeps only events[:k] of those lines. Lines are read in sampled
+    order until enough qualify, so a large file is not read whole."""
+    lines = LineReader(seq_path, offsets)
+    want = min(n_users, len(lines) // 2)
+    cut = {}
+    for i in np.random.default_rng(seed).permutation(len(lines)).tolist():
+        if len(cut) >= want:
+            break
+        try:
+            records, where = lines[i]
+            events = parse_user_records(records, where)[2]
+        except DataError:
+            if not skip_bad:
+                raise
+            continue
+        k = next((j for j in range(len(events) - 1, 0, -1) if events[j][2] >= 1), None)
+        if k is not None:
+            cut[i] = k
+    return cut
+
+
 def dataset_has_timestamps(data_dir: str) -> bool:
     """False only when a converter's dataset_meta.json (in the folder or its parent) says the
     timestamps are synthetic (e.g. S3Rec: order only)."""
@@ -566,18 +623,28 @@ def find_ctr_dir(*candidates: str):
     return None
 
 
-def load_item_pop(data_dir: str, ctr_dir: str, seq_path: str, cache_dir: str, num_items: int) -> tuple:
-    """Item popularity: item_pop.json from the train folder, else the CTR folder; built by
-    precompute_ctr's counting into cache_dir/ctr when neither has it. Returns (event counts by
-    re-id [num_items + 1], head_min_count)."""
-    path = next((os.path.join(d, P.ITEM_POP_FILE) for d in (data_dir, ctr_dir)
-                 if d and os.path.exists(os.path.join(d, P.ITEM_POP_FILE))), None)
+def load_item_pop(data_dir: str, ctr_dir: str, seq_path: str, cache_dir: str, num_items: int,
+                  skip_bad: bool = False) -> tuple:
+    """Item popularity: item_pop.json from the train folder, the CTR folder or cache_dir/ctr, the
+    first that was computed from this seq.jsonl as it is now (one without a record of its source
+    is trusted); else counted anew by precompute_ctr into cache_dir/ctr, with a notice. Returns
+    (event counts by re-id [num_items + 1], head_min_count)."""
+    path = None
+    for d in dict.fromkeys((data_dir, ctr_dir, os.path.join(cache_dir, "ctr"))):
+        cand = os.path.join(d, P.ITEM_POP_FILE) if d else None
+        if cand and os.path.exists(cand):
+            rec = read_json(cand)
+            fp = rec.get("seq_fingerprint") if isinstance(rec, dict) else None
+            if fp is None or same_source(fp, seq_path):
+                path = cand
+                break
+            print(f"notice: {cand} was counted from {seq_path} as it was before (size or time differ); not used")
     if path is None:
-        c = P.count_events(seq_path)
-        pop = P.item_popularity(c["item_ids"], c["item_events"], 0.8)
+        c = P.count_events(seq_path, skip_bad=skip_bad)
+        pop = {**P.item_popularity(c["item_ids"], c["item_events"], 0.8), "seq_fingerprint": file_fingerprint(seq_path)}
         path = os.path.join(cache_dir, "ctr", P.ITEM_POP_FILE)
         dump_json(pop, path)
-        print(f"notice: no item_pop.json in {data_dir} or the CTR folder; wrote {path}")
+        print(f"notice: no current item_pop.json in {data_dir}, the CTR folder or the cache; wrote {path}")
     pop = read_json(path)
     try:
         ids = np.array([int(k) for k in pop["counts"]], np.int64)
@@ -620,7 +687,8 @@ def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str
 
 
 def load_ctr_for(cfg: DataConfig, ctr_dir: str, seq_path: str) -> tuple:
-    """(item CTR table, ctr_meta) when a CTR channel is on, else (None, {}).
+    """(item CTR table, ctr_meta) when a CTR channel is on, else (None, {}). Refuses priors
+    computed from another seq.jsonl, or from this one before it changed.
 
     The user channel needs only the prior and standardisation: its value is computed from the
     user's own events before each position, the same way in training and inference."""
@@ -630,4 +698,24 @@ def load_ctr_for(cfg: DataConfig, ctr_dir: str, seq_path: str) -> tuple:
         raise DataError(f"CTR features asked for but no ctr_meta.json found; run "
                         f"precompute_ctr.py --seq_path {seq_path} --output_dir <USER_CACHE_PATH>/ctr")
     _, item_ctr, meta = load_ctr(ctr_dir, sides=("item",))
+    fp = meta.get("seq_fingerprint")
+    if fp is not None and not same_source(fp, seq_path):
+        raise DataError(f"{os.path.join(ctr_dir, P.META_FILE)}: CTR priors computed from {fp.get('path')} as it was "
+                        f"then, not from {seq_path} as it is now; run precompute_ctr.py --seq_path {seq_path} "
+                        f"--output_dir {ctr_dir} again")
     return item_ctr, meta
+
+
+def load_item_ctr(cfg: DataConfig, ctr_dir: str) -> dict:
+    """Inference: the item CTR counts of a CTR folder, refused unless its priors and standardisation
+    are those the checkpoint was trained with (cfg.ctr_meta)."""
+    if ctr_dir is None:
+        raise DataError("the model uses item CTR but no ctr_meta.json was found in USER_CACHE_PATH/ctr or "
+                        "TRAIN_DATA_PATH/ctr; run precompute_ctr.py on the training seq.jsonl")
+    _, item_ctr, meta = load_ctr(ctr_dir, sides=("item",))
+    keys = ("alpha", "beta", "logit", "mean", "std")
+    want = cfg.ctr_meta.get("item", {})
+    if any(meta["item"].get(k) != want.get(k) for k in keys):
+        raise DataError(f"{os.path.join(ctr_dir, P.META_FILE)}: item CTR priors differ from those the model was "
+                        f"trained with; point USER_CACHE_PATH at the training run's cache")
+    return item_ctr

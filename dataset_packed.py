@@ -12,6 +12,7 @@ it is also a candidate (else the unknown row).
 import math
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -79,7 +80,10 @@ def sample_negatives(table, num_neg: int, num_items: int, generator=None) -> dic
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed."""
+    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed. Ctrl-C is the
+    training process's to handle (it saves a checkpoint and stops its workers): a worker ignores
+    it instead of dying with a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
@@ -198,6 +202,29 @@ def read_candidates(eval_dir: str, known=()) -> tuple:
     if not cids:
         raise DataError(f"{path}: no candidates (the file has no JSON lines)")
     return np.array(cids, np.int64), np.array(rids, np.int64), feats
+
+
+class HoldoutDataset(torch.utils.data.Dataset):
+    """The validation slice held out of the training users (dataset.holdout_last_clicks): each
+    sample is the user's history before the held-out click, built as at inference, with
+    `_target` (the clicked item's row) and `_history` (the history's item rows)."""
+
+    def __init__(self, seq_path: str, offsets: list, cut: dict, builder):
+        self.lines, self.cut, self.builder = LineReader(seq_path, offsets), cut, builder
+        self.index = sorted(cut)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, j):
+        i = self.index[j]
+        records, where = self.lines[i]
+        user, user_feat, events = parse_user_records(records, where)
+        history, k = events[:self.cut[i]], self.cut[i]
+        s = with_location(where, self.builder.build, user, user_feat, history, False)
+        s["_history"] = self.builder.item_rows([e[0] for e in history])
+        s["_target"] = int(with_location(where, self.builder.item_rows, [events[k][0]])[0])
+        return s
 
 
 class CandidateDataset(torch.utils.data.Dataset):

@@ -201,7 +201,8 @@ def random_expectation(gt, pool, k=10):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (docs/FLAGS.md is generated from it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--result", required=True, help="result.json with top10s and user lists")
     ap.add_argument("--ground_truth", required=True,
@@ -210,7 +211,11 @@ def main(argv=None):
     ap.add_argument("--train_dir", help="training folder (seq.jsonl, indexer.pkl): adds the "
                                         "most-popular baseline")
     ap.add_argument("--eval_dir", help="evaluation folder (predict_seq.jsonl, predict_set.jsonl)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         if args.k < 1:
             raise DataError(f"--k must be >= 1, got {args.k}")

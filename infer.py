@@ -24,8 +24,8 @@ import retrieval_torch as R
 from layout import DataError, dump_json, load_pickle, read_item_feat_dict, run_cli
 
 
-def get_args(argv=None):
-    """Inference options; `infer()` reads them from sys.argv too (harness-style calls pass none)."""
+def parser() -> argparse.ArgumentParser:
+    """The command line (docs/FLAGS.md is generated from it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retrieval_backend", choices=["torch", "faiss", "faiss_ivf", "faiss_hnsw"], default="torch",
                    help="top-k backend; faiss falls back to torch with a notice when not installed")
@@ -35,19 +35,28 @@ def get_args(argv=None):
     p.add_argument("--num_workers", type=int, default=1, help="DataLoader workers for user sequences")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ckpt", default=None, help="checkpoint file or folder (default: MODEL_OUTPUT_PATH)")
-    p.add_argument("--mask_history", action="store_true",
-                   help="never recommend items already in the user's input history")
-    args, _ = p.parse_known_args(argv)
+    p.add_argument("--mask_history", choices=["auto", "0", "1"], nargs="?", const="1", default="auto",
+                   help="1: never recommend items already in the user's input history; 0: do; auto: as the "
+                        "checkpoint's validation chose (masking wins where users rarely return to an item)")
+    return p
+
+
+def get_args(argv=None):
+    """Inference options; `infer()` reads them from sys.argv too (harness-style calls pass none)."""
+    args, _ = parser().parse_known_args(argv)
     return args
 
 
-def load_model(ckpt: str, device: torch.device, verbose: bool = False) -> tuple:
+def load_model(ckpt: str, device: torch.device, verbose: bool = False, info: dict = None) -> tuple:
     """(model in eval mode on `device`, DataConfig, model.pt path) from a checkpoint file, folder
-    or root (best by validation, else the newest complete one). FORCE_USE_TIMEFEAT=0/1
-    overrides the checkpoint's time-feature setting."""
-    model, data_cfg, path, why = C.load_for_inference(ckpt)
+    or root (best by validation, else the newest complete one); `info`, when given, receives
+    checkpoint.load_for_inference's. FORCE_USE_TIMEFEAT=0/1 overrides the checkpoint's
+    time-feature setting."""
+    model, data_cfg, path, meta = C.load_for_inference(ckpt)
+    if info is not None:
+        info.update(meta)
     if verbose:
-        print(f"checkpoint: {path} ({why})", flush=True)
+        print(f"checkpoint: {path} ({meta['why']})", flush=True)
     force = os.environ.get("FORCE_USE_TIMEFEAT")
     if force is not None and bool(int(force)) != data_cfg.use_timefeat:
         if bool(int(force)) and not model.cfg.use_timefeat:
@@ -71,12 +80,47 @@ def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_
     item_feat_dict = read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
                                                         "item_feat_dict.json"))
     ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))
-    # counts from the CTR folder; the standardisation stays the checkpoint's (data_cfg.ctr_meta)
-    item_ctr = D.load_ctr_for(data_cfg, ctr_dir, "seq.jsonl")[0] if data_cfg.use_itemctr else None
+    # counts from the CTR folder, whose priors must be the checkpoint's (data_cfg.ctr_meta)
+    item_ctr = D.load_item_ctr(data_cfg, ctr_dir) if data_cfg.use_itemctr else None
     emb_dir = next((os.path.join(d, "creative_emb") for d in (eval_dir, train_dir)
                     if d and os.path.isdir(os.path.join(d, "creative_emb"))), None)
     table = D.ItemTable(data_cfg, indexer, item_feat_dict, emb_dir, cache_dir, item_ctr)
     return table, D.SequenceBuilder(data_cfg, table, indexer.get("u", {})), indexer
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def embed_rows(model, table: D.ItemTable, rows: np.ndarray, device, chunk: int = 4096) -> np.ndarray:
+    """Item vectors [N, d] of item-table rows, as scored, written into one preallocated array."""
+    out, n = np.empty((len(rows), model.cfg.hidden_units), np.float32), 0
+    for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, chunk), batch_size=None):
+        with autocast(device):
+            v = model.item_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
+        out[n:n + len(v)], n = v, n + len(v)
+    return out
+
+
+@torch.no_grad()
+def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, num_workers: int = 0,
+                keep=("_user", "_history", "_target")) -> tuple:
+    """Queries [U, d] of a dataset of user samples (newest position, asking for a click), and the
+    per-sample extras named in `keep`, each a list in dataset order (the rest are dropped)."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=P.PackedCollate(table))
+    queries, n, extras = np.empty((len(ds), model.cfg.hidden_units), np.float32), 0, {}
+    for b in loader:
+        for k in [k for k in b if k.startswith("_")]:
+            v = b.pop(k)
+            if k in keep:
+                extras.setdefault(k, []).extend(v)
+        with autocast(device):
+            v = model.user_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
+        queries[n:n + len(v)], n = v, n + len(v)
+    return queries, extras
 
 
 @torch.no_grad()
@@ -91,27 +135,14 @@ def export(model, table: D.ItemTable, builder: D.SequenceBuilder, indexer: dict,
     cids, rids, feats = P.read_candidates(eval_dir, table.row_of_cid)
     rows = table.extend(cids.tolist(), feats)
     del feats
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    d = model.cfg.hidden_units                     # width of query and item vectors alike
-    cand, n = np.empty((len(rows), d), np.float32), 0
-    for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, args.cand_batch_size), batch_size=None):
-        with amp:
-            v = model.item_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
-        cand[n:n + len(v)], n = v, n + len(v)
+    cand = embed_rows(model, table, rows, device, args.cand_batch_size)
     t1 = time.time()
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=P.PackedCollate(table))
-    users, hist, queries, n = [], [] if history else None, np.empty((len(ds), d), np.float32), 0
-    for b in loader:
-        users += b.pop("_user")
-        h = b.pop("_history")
-        if history:
-            hist += [np.unique(x).astype(np.int32) for x in h]
-        with amp:
-            v = model.user_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
-        queries[n:n + len(v)], n = v, n + len(v)
+    queries, extras = embed_users(model, ds, table, device, args.batch_size, args.num_workers,
+                                  ("_user", "_history") if history else ("_user",))
+    users = extras["_user"]
+    hist = [np.unique(x).astype(np.int32) for x in extras["_history"]] if history else None
     if verbose:
         t2 = time.time()
         print(f"candidates: {len(cids)} in {t1 - t0:.1f}s ({len(cids) / max(t1 - t0, 1e-9):.0f}/s); "
@@ -127,17 +158,23 @@ def history_exclude(hist: list, cand_rows: np.ndarray) -> list:
 
 def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_dir: str = None) -> tuple:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, data_cfg, path = load_model(ckpt, device, verbose=True)
+    info = {}
+    model, data_cfg, path = load_model(ckpt, device, verbose=True, info=info)
+    mask = bool(info.get("mask_history")) if args.mask_history == "auto" else args.mask_history == "1"
+    if args.mask_history == "auto":
+        print(f"history masked: {'yes' if mask else 'no'} (as the checkpoint's validation chose)"
+              if info.get("mask_history") is not None else "history masked: no (the checkpoint's validation did not say)",
+              flush=True)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
     users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args, verbose=True,
-                                                 history=args.mask_history)
+                                                 history=mask)
     os.makedirs(result_dir, exist_ok=True)
     R.write_fbin(os.path.join(result_dir, "query.fbin"), q)
     R.write_fbin(os.path.join(result_dir, "embedding.fbin"), c)
     R.write_u64bin(os.path.join(result_dir, "id.u64bin"), rids.astype(np.uint64))
     dump_json({str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())},
                 os.path.join(result_dir, "retrive_id2creative_id.json"))
-    exclude = history_exclude(hist, rows) if args.mask_history else None
+    exclude = history_exclude(hist, rows) if mask else None
     return top_k_ids(q, c, cids, args.top_k, exclude, backend=args.retrieval_backend, device=device), users
 
 
@@ -158,13 +195,38 @@ def infer() -> tuple:
                os.environ.get("TRAIN_DATA_PATH", "data/demo/train"))
 
 
+MISS = np.iinfo(np.int64).max        # the rank of a target that cannot be retrieved
+
+
+def target_ranks(q: np.ndarray, c: np.ndarray, target: np.ndarray, exclude: list = None) -> np.ndarray:
+    """1-based full-ranking rank of each user's target (ties against it). With `exclude` (each
+    user's masked candidates, as inference masks them) a target among them is lost: MISS."""
+    ranks = R.target_ranks(q, c, target, exclude=exclude).numpy()
+    if exclude is not None:
+        ranks[np.array([t in e for t, e in zip(target.tolist(), exclude)], bool)] = MISS
+    return ranks
+
+
+def _by_mask(q, c, target, exclude, mask_history, ks, missing=0) -> dict:
+    """Metrics with the history masked (True), not masked (False) or both ({"plain", "masked"});
+    `missing` more users count as misses."""
+    import evaluate as E
+
+    def metrics(excl):
+        return E.metrics_from_ranks(np.concatenate([target_ranks(q, c, target, excl), np.full(missing, MISS)]), ks)
+    if mask_history is None:
+        return {"plain": metrics(None), "masked": metrics(exclude)}
+    return metrics(exclude if mask_history else None)
+
+
 @torch.no_grad()
 def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir: str, train_dir: str, device,
-                    mask_history: bool = True, ks=(10, 50, 200), top_k: int = 0):
+                    mask_history=True, ks=(10, 50, 200), top_k: int = 0):
     """Full-ranking metrics on an eval-layout folder with ground_truth.jsonl (validation/test):
-    every candidate is ranked, the user's input history masked, ties counted against the target.
-    With top_k > 0, returns (metrics, users, each user's top-k creative ids) from the same
-    vectors, its history masked whole: what a result file holds."""
+    every candidate is ranked, ties counted against the target, the user's input history masked
+    (mask_history True, the benchmark protocol: a target in the history is then lost, as at
+    inference), not masked (False) or both (None: {"plain", "masked"}). With top_k > 0, returns
+    (metrics, users, each user's top-k creative ids) from the same vectors, masked as asked."""
     import evaluate as E
     was_training = model.training
     model.eval()
@@ -177,13 +239,24 @@ def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir:
     col = {int(ci): i for i, ci in enumerate(cids.tolist())}
     keep = [i for i, u in enumerate(users) if u in gt and int(gt[u]) in col]
     target = np.array([col[int(gt[users[i]])] for i in keep], np.int64)
-    masked = history_exclude(hist, rows) if mask_history else None
-    # a target the user saw before stays rankable: masking it would make it unreachable
-    exclude = None if masked is None else [masked[i][masked[i] != t] for i, t in zip(keep, target)]
-    ranks = R.target_ranks(q[keep], c, target, exclude=exclude)
-    ranks = np.concatenate([ranks, np.full(len(gt) - len(keep), np.iinfo(np.int64).max)])
-    m = E.metrics_from_ranks(ranks, ks)
-    return (m, users, top_k_ids(q, c, cids, top_k, masked)) if top_k else m
+    masked = history_exclude(hist, rows)
+    m = _by_mask(q[keep], c, target, [masked[i] for i in keep], mask_history, ks, len(gt) - len(keep))
+    return (m, users, top_k_ids(q, c, cids, top_k, masked if mask_history else None)) if top_k else m
+
+
+@torch.no_grad()
+def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(10, 50, 200)) -> dict:
+    """Full-ranking metrics on the validation slice held out of the training users
+    (dataset_packed.HoldoutDataset): every catalogue item is ranked, ties count against the
+    target. Scored as inference could run: {"plain": metrics, "masked": metrics with the user's
+    history masked, a target the user saw before then lost}."""
+    was_training = model.training
+    model.eval()
+    c = embed_rows(model, table, np.arange(1, num_items + 1), device)
+    q, ex = embed_users(model, ds, table, device, keep=("_history", "_target"))
+    model.train(was_training)
+    target = np.asarray(ex["_target"], np.int64) - 1                     # row r is candidate r - 1
+    return _by_mask(q, c, target, [np.unique(h[h > 0]) - 1 for h in ex["_history"]], None, ks)
 
 
 def main():

@@ -45,13 +45,24 @@ class DataError(Exception):
 
 def run_cli(main, exit_codes=None):
     """A script's entry point: runs main(); a known error (DataError, exit 2, plus any given in
-    exit_codes) becomes one "error: ..." line on stderr and that exit code, never a traceback."""
+    exit_codes) becomes one "error: ..." line on stderr and that exit code, never a traceback. So
+    does an operating-system error (a full disk, a folder that cannot be written): exit 2, naming
+    the file."""
     codes = {DataError: 2, **(exit_codes or {})}
     try:
         main()
     except tuple(codes) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(next(c for t, c in codes.items() if isinstance(e, t)))
+    except OSError as e:
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def os_error(e: OSError) -> str:
+    """An OSError as one line: the file, then what the system said."""
+    what = e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +138,22 @@ def atomic_write(path, mode="w", **kwargs):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def file_fingerprint(path) -> dict:
+    """Size and modification time of a file: what a derived cache records of its source, to tell
+    when the source changed."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def same_source(recorded, path) -> bool:
+    """Whether a recorded file_fingerprint still describes `path` (size and time; the folder may
+    have moved)."""
+    if not isinstance(recorded, dict) or not os.path.exists(path):
+        return False
+    now = file_fingerprint(path)
+    return recorded.get("size") == now["size"] and recorded.get("mtime_ns") == now["mtime_ns"]
 
 
 def dump_pickle(obj, path):

@@ -622,7 +622,8 @@ def sanity_check(W, cases, pool, train_clicks, train_expo):
     return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (docs/FLAGS.md is generated from it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--out", required=True, help="output folder; gets train/, eval/ and demo_meta.json")
@@ -655,7 +656,11 @@ def main(argv=None):
         help="eval users (a seeded sample) the most-popular / oracle sanity check scores")
     add("--force", action="store_true",
         help="write even if OUT/train/seq.jsonl exists and was not made by this script")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         return _run(args)
     except DataError as e:

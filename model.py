@@ -47,6 +47,11 @@ class ModelConfig:
     use_senet: bool = False
     action_cond: bool = False
     use_user_id: bool = True          # user-id embedding in the user token (off: features only)
+    item_tower: str = "mlp"           # mlp | add | id (FeatureTower)
+    score: str = "cosine"             # cosine: L2-normalised vectors over a temperature; dot: raw inner product
+    query_head: bool = True           # a linear head on the encoder state (off: the state is the query)
+    use_type_emb: bool = True         # token-type and action rows added to every token
+    use_user_token: bool = True       # the user token leads the sequence (off: item events only)
     grad_checkpoint: bool = False
     feat_dim: int = 0                 # width of each feature embedding; 0 = hidden_units
     maxlen: int = 100
@@ -64,7 +69,8 @@ class ModelConfig:
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed and removed fields (checkpoint.config_from_dict).
-    LEGACY: ClassVar[dict] = {}
+    LEGACY: ClassVar[dict] = {"item_tower": "mlp", "score": "cosine", "query_head": True, "use_type_emb": True,
+                              "use_user_token": True}
     RENAMED: ClassVar[dict] = {}
     REMOVED: ClassVar[dict] = {}
 
@@ -109,30 +115,36 @@ class SENet(nn.Module):
 class FeatureTower(nn.Module):
     """Embeds one entity (item or user) from id, sparse, array, multimodal and CTR inputs.
 
-    Each input is one block of width f; blocks are optionally gated by SENet, concatenated and
-    projected to hidden_units. `id_dropout` (set by the trainer) zeroes the id block of random
-    examples so the tower learns to rely on features for cold ids.
+    kind "mlp": each input is one block of width f; blocks are optionally gated by SENet,
+    concatenated and projected to hidden_units by a 2-layer MLP. kind "add": the id row (width
+    hidden_units) plus that MLP over the other blocks, so the id keeps a plain row of its own.
+    kind "id": the plain id row only (features unused), as in SASRec. `id_dropout` (set by the
+    trainer) zeroes the id block of random examples so the tower learns to rely on features for
+    cold ids.
     """
 
-    def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet, init_std=1.0):
+    def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet, init_std=1.0, kind="mlp"):
         super().__init__()
-        self.id_emb = nn.Embedding(num_ids + 1, f, padding_idx=0)
+        self.kind = kind
+        if kind != "mlp":
+            sparse, array, mm_dims, use_ctr = ({}, {}, {}, False) if kind == "id" else (sparse, array, mm_dims, use_ctr)
+        self.id_emb = nn.Embedding(num_ids + 1, d if kind != "mlp" else f, padding_idx=0)
         self.sparse = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in sparse.values())
         self.array = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in array.values())
         self.mm_fids = list(mm_dims)
         self.mm = nn.ModuleList(nn.Linear(dim, f) for dim in mm_dims.values())
         self.mm_missing = nn.Parameter(torch.zeros(len(mm_dims), f)) if mm_dims else None
         self.ctr = nn.Linear(1, f) if use_ctr else None
-        n_blocks = 1 + len(self.sparse) + len(self.array) + len(self.mm) + int(use_ctr)
-        self.senet = SENet(n_blocks) if use_senet else None
-        self.proj = nn.Sequential(nn.Linear(n_blocks * f, d), nn.SiLU(), nn.Linear(d, d))
+        n_blocks = int(kind == "mlp") + len(self.sparse) + len(self.array) + len(self.mm) + int(use_ctr)
+        self.senet = SENet(n_blocks) if use_senet and n_blocks else None
+        self.proj = nn.Sequential(nn.Linear(n_blocks * f, d), nn.SiLU(), nn.Linear(d, d)) if n_blocks else None
         self.id_dropout = 0.0
         if init_std != 1.0:
             # small-init mode (see GenerativeRecommender): rows N(0, init_std), zero biases, so
             # the tower's output starts item-specific instead of one shared bias vector
             for emb in [self.id_emb, *self.sparse, *self.array]:
                 small_init_(emb, init_std)
-            for lin in [*self.proj, *self.mm, self.ctr]:
+            for lin in [*(self.proj or []), *self.mm, self.ctr]:
                 if isinstance(lin, nn.Linear):
                     nn.init.zeros_(lin.bias)
 
@@ -142,7 +154,7 @@ class FeatureTower(nn.Module):
         if self.training and self.id_dropout > 0:
             keep = (torch.rand(ids.shape, device=ids.device) >= self.id_dropout).to(e.dtype)
             e = e * keep.unsqueeze(-1)
-        blocks = [e]
+        blocks = [e] if self.kind == "mlp" else []
         blocks += [emb(x["sparse"][..., j]) for j, emb in enumerate(self.sparse)]
         for j, emb in enumerate(self.array):
             v = x["array"][..., j, :]                            # [..., A]
@@ -153,10 +165,13 @@ class FeatureTower(nn.Module):
             blocks.append(lin(x[f"mm_{fid}"].to(e.dtype)) * present + self.mm_missing[j] * (1 - present))
         if self.ctr is not None:
             blocks.append(self.ctr(x["ctr"].unsqueeze(-1).to(e.dtype)))
+        if not blocks:
+            return e                                              # kind "id": [..., d]
         b = torch.stack(blocks, -2)                               # [..., n_blocks, f]
         if self.senet is not None:
             b = self.senet(b)
-        return self.proj(b.flatten(-2))                           # [..., d]
+        out = self.proj(b.flatten(-2))                            # [..., d]
+        return out if self.kind == "mlp" else e + out
 
 
 def rel_pos_bucket(dist: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -283,11 +298,11 @@ class GenerativeRecommender(nn.Module):
         self.cfg = cfg
         d, f = cfg.hidden_units, cfg.feat_dim or cfg.hidden_units
         self.item_tower = FeatureTower(cfg.num_items, cfg.item_sparse, cfg.item_array, cfg.mm_dims,
-                                       cfg.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std)
+                                       cfg.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std, cfg.item_tower)
         self.user_tower = FeatureTower(cfg.num_users if cfg.use_user_id else 0, cfg.user_sparse, cfg.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std)
-        self.type_emb = nn.Embedding(3, d)
-        self.action_emb = nn.Embedding(4, d, padding_idx=0)
+        self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
+        self.action_emb = nn.Embedding(4, d, padding_idx=0) if cfg.use_type_emb else None
         self.pos_emb = nn.Embedding(cfg.maxlen + 2, d, padding_idx=0) if cfg.use_abs_pos else None
         if cfg.use_timefeat:
             self.time_emb = nn.ModuleDict({k: nn.Embedding(v, d, padding_idx=0) for k, v in TIME_VOCAB.items()})
@@ -298,7 +313,7 @@ class GenerativeRecommender(nn.Module):
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_blocks))
         self.final_norm = make_norm(cfg.norm_type, d)
         self.next_action_emb = nn.Embedding(4, d, padding_idx=0) if cfg.action_cond else None
-        self.head = nn.Linear(d, d)
+        self.head = nn.Linear(d, d) if cfg.query_head else None
         if cfg.emb_init_std != 1.0:
             # Small-init mode. With nn.Embedding's unit rows, the position/type/action rows added
             # to each token (norm ~sqrt(d)) drown the item's own vector, and items start as one
@@ -326,10 +341,15 @@ class GenerativeRecommender(nn.Module):
         """The single item-embedding function: history tokens, targets, negatives, candidates."""
         return self.item_tower({k: v for k, v in self._sub(batch, prefix).items() if k != "inv"})
 
+    def token_types(self, batch: dict) -> torch.Tensor:
+        """Token types [B, T] as the encoder sees them: without the user token it is padding."""
+        tt = batch["token_type"]
+        return tt if self.cfg.use_user_token else tt.masked_fill(tt == USER_TOKEN, PAD)
+
     def encode(self, batch: dict) -> torch.Tensor:
         """Encoder states [B, T, d] for the token sequence in `batch` (left-padded)."""
         cfg = self.cfg
-        tt = batch["token_type"]
+        tt = self.token_types(batch)
         B, T = tt.shape
         x = self.embed_items(batch, "seq_")[batch["seq_inv"]]            # [U, d] -> [B, T, d]
         x = x * (tt == ITEM_TOKEN).unsqueeze(-1)
@@ -337,7 +357,8 @@ class GenerativeRecommender(nn.Module):
         user = self.user_tower({"id": uid, "sparse": batch["user_sparse"],
                                 "array": batch["user_array"]})        # [B, d]
         x = torch.where((tt == USER_TOKEN).unsqueeze(-1), user.unsqueeze(1).to(x.dtype), x)
-        x = x + self.type_emb(tt) + self.action_emb(batch["action"])
+        if self.type_emb is not None:
+            x = x + self.type_emb(tt) + self.action_emb(batch["action"])
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch["pos_idx"])
         if cfg.use_timefeat:
@@ -371,15 +392,19 @@ class GenerativeRecommender(nn.Module):
         """Query vectors from encoder states; next_action (action id + 1) conditions the head."""
         if self.next_action_emb is not None and next_action is not None:
             h = h + self.next_action_emb(next_action)
-        return self.head(h)
+        return self.head(h) if self.head is not None else h
+
+    def normalize(self, v: torch.Tensor) -> torch.Tensor:
+        """Vectors as they are scored (float32): unit length for cosine scoring, as-is for dot."""
+        return F.normalize(v.float(), dim=-1) if self.cfg.score == "cosine" else v.float()
 
     @torch.no_grad()
     def user_vectors(self, batch: dict) -> torch.Tensor:
-        """L2-normalised query of each user's newest position, asking for a click next."""
+        """The query of each user's newest position, asking for a click next (as scored: see normalize)."""
         h = self.encode(batch)[:, -1]
         nxt = torch.full(h.shape[:1], CLICK, dtype=torch.long, device=h.device)
-        return F.normalize(self.query(h, nxt).float(), dim=-1)
+        return self.normalize(self.query(h, nxt))
 
     @torch.no_grad()
     def item_vectors(self, batch: dict, prefix: str = "cand_") -> torch.Tensor:
-        return F.normalize(self.embed_items(batch, prefix).float(), dim=-1)
+        return self.normalize(self.embed_items(batch, prefix))

@@ -162,7 +162,7 @@ class Trainer(torch.nn.Module):
     def forward(self, batch: dict):
         m, c = self.model, self.cfg
         h = m.encode(batch)                                                # [B, T, d]
-        valid = (batch["pos_row"] > 0) & (batch["token_type"] != PAD)      # [B, T]
+        valid = (batch["pos_row"] > 0) & (m.token_types(batch) != PAD)    # [B, T]
         pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
         q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
         negs = m.embed_items(batch, "neg_") if c.num_neg else None
@@ -171,34 +171,36 @@ class Trainer(torch.nn.Module):
         fast = c.full_softmax and not m.cfg.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
         pos = None if fast else m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
                                               and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
-        tau = torch.full(pos_ids.shape, c.temperature, device=q.device)
-        if c.two_tau:
+        # dot scoring has no temperature: the vectors' norms set the logits' scale
+        cosine = m.cfg.score == "cosine"
+        tau = torch.full(pos_ids.shape, c.temperature if cosine else 1.0, device=q.device)
+        if c.two_tau and cosine:
             tau = torch.where(pos_act >= CLICK, c.tau_click, c.tau_expo).float()
         sub = None
         if len(pos_ids) > c.in_batch_max:
             sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:c.in_batch_max]
-        qn = F.normalize(q.float(), dim=-1)
-        posn = None if fast else F.normalize(pos.float(), dim=-1)
+        qn = m.normalize(q)
+        posn = None if fast else m.normalize(pos)
         pkg = pkg_ids = None
         hard, hard_ids = [], []
         if "pkg_row" in batch:
-            pkg = F.normalize(m.embed_items(batch, "pkg_")[batch["pkg_inv"][valid]].float(), dim=-1)   # [N, 5, d]
+            pkg = m.normalize(m.embed_items(batch, "pkg_")[batch["pkg_inv"][valid]])             # [N, 5, d]
             pkg_ids = batch["pkg_row"][valid] * (batch["pkg_grade"][valid] > 0)
             if c.rank_pkg_as_neg:
                 hard, hard_ids = [pkg], [pkg_ids]
         if "hard_row" in batch:
             B, K = batch["hard_row"].shape
             user_of = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)[valid]     # [N]
-            hv = F.normalize(m.embed_items(batch, "hard_").float(), dim=-1).view(B, K, -1)     # [B, K, d]
+            hv = m.normalize(m.embed_items(batch, "hard_")).view(B, K, -1)                     # [B, K, d]
             hard.append(hv[user_of])                                                          # [N, K, d]
             hard_ids.append(batch["hard_row"][user_of])
         if fast:
             # 1/tau folded into the queries: one pass less over the [N, num_items] matrix
-            logits = (qn / tau.unsqueeze(1)) @ F.normalize(negs.float(), dim=-1).T    # [N, num_items]
+            logits = (qn / tau.unsqueeze(1)) @ m.normalize(negs).T                  # [N, num_items]
             loss = F.cross_entropy(logits, pos_ids - 1, reduction="none")
             s_pos = logits.gather(1, (pos_ids - 1).unsqueeze(1)).squeeze(1) * tau
         else:
-            loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else F.normalize(negs.float(), dim=-1),
+            loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else m.normalize(negs),
                                    batch.get("neg_row"), tau, self.log_pop if c.logq and not c.full_softmax else None,
                                    self.num_items, c.in_batch_neg and not c.full_softmax, sub,
                                    torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
@@ -211,7 +213,7 @@ class Trainer(torch.nn.Module):
             parts["rank"] = rank_loss(s_pos / tau, s_pkg / tau.unsqueeze(1), grade, c.rankloss_mode)
         total = sum(self.weights[name] * value for name, value in parts.items())
         nxt = torch.full_like(batch["user_id"], CLICK) if m.cfg.action_cond else None
-        last = F.normalize(m.query(h[:, -1], nxt).detach().float(), dim=-1)                   # [B, d]
+        last = m.normalize(m.query(h[:, -1], nxt).detach())                                  # [B, d]
         return total, parts, last
 
 

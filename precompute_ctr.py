@@ -27,7 +27,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from layout import DataError, dump_json, json_type, record_problem
+from layout import DataError, dump_json, file_fingerprint, json_type, read_json, record_problem, same_source
 
 # The moments fit uses entities with at least MIN_EVENTS events (rates of 1-4 events are mostly
 # binomial noise and would inflate the variance); if fewer than MIN_ENTITIES qualify, all
@@ -275,7 +275,8 @@ def _quantile(text):
     return q
 
 
-def get_args(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (docs/FLAGS.md is generated from it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq_path", required=True, help="training seq.jsonl (read only)")
     p.add_argument("--output_dir", required=True,
@@ -298,7 +299,14 @@ def get_args(argv=None):
     p.add_argument("--skip_bad_records", action="store_true",
                    help="skip malformed lines/records and report how many, instead of stopping "
                         "with exit code 2 at the first one")
-    return p.parse_args(argv)
+    p.add_argument("--reuse", action="store_true",
+                   help="do nothing when the outputs exist and were computed from this seq.jsonl (same size "
+                        "and time) with the same options")
+    return p
+
+
+def get_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def _check_not_input(out_path, seq_path):
@@ -307,10 +315,31 @@ def _check_not_input(out_path, seq_path):
                                 f"different path (inputs are never overwritten)")
 
 
+def _options(args) -> dict:
+    return {"k_clip": list(args.k_clip), "prior": "auto" if args.prior == "auto" else list(args.prior),
+            "logit": bool(args.logit), "head_quantile": args.head_quantile}
+
+
+def up_to_date(args) -> bool:
+    """--reuse: the outputs exist and were computed from this seq.jsonl, as it is now, with the same options."""
+    paths = [os.path.join(args.output_dir, f) for f in (*TABLE_FILES.values(), META_FILE)]
+    pop = args.item_pop_path or os.path.join(args.output_dir, ITEM_POP_FILE)
+    if not all(os.path.isfile(p) for p in paths + [pop]):
+        return False
+    try:
+        meta, pop_meta = read_json(paths[-1]), read_json(pop)
+    except DataError:
+        return False
+    return (isinstance(meta, dict) and isinstance(pop_meta, dict) and meta.get("options") == _options(args)
+            and same_source(meta.get("seq_fingerprint"), args.seq_path)
+            and same_source(pop_meta.get("seq_fingerprint"), args.seq_path))
+
+
 def run(args):
     counts = count_events(args.seq_path, skip_bad=args.skip_bad_records)
     meta = {"k_clip": list(args.k_clip), "seq_path": os.path.abspath(args.seq_path),
-            "prior": "auto" if args.prior == "auto" else list(args.prior)}
+            "prior": "auto" if args.prior == "auto" else list(args.prior),
+            "seq_fingerprint": file_fingerprint(args.seq_path), "options": _options(args)}
     tables = {}
     for side in ("user", "item"):
         c, n, ids = counts[f"{side}_clicks"], counts[f"{side}_events"], counts[f"{side}_ids"]
@@ -327,6 +356,7 @@ def run(args):
                 num_events=int(counts["item_events"].sum()), num_clicks=int(counts["item_clicks"].sum()),
                 bad_lines=counts["bad_lines"], bad_records=counts["bad_records"])
     pop = item_popularity(counts["item_ids"], counts["item_events"], args.head_quantile)
+    pop["seq_fingerprint"] = meta["seq_fingerprint"]
 
     pop_path = args.item_pop_path or os.path.join(args.output_dir, ITEM_POP_FILE)
     paths = [os.path.join(args.output_dir, f) for f in (*TABLE_FILES.values(), META_FILE)] + [pop_path]
@@ -359,6 +389,9 @@ def _summary(meta, pop, counts, paths):
 def main(argv=None):
     args = get_args(argv)
     try:
+        if args.reuse and up_to_date(args):
+            print(f"{args.output_dir}: up to date with {args.seq_path}; nothing to do")
+            return
         _summary(*run(args))
     except DataError as e:
         print(e, file=sys.stderr)

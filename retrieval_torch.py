@@ -526,7 +526,8 @@ def search(query, base, k, *, backend="torch", exclude=None, device=None, seed=0
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (docs/FLAGS.md is generated from it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--query", required=True, help="query vectors, .fbin [Q, D]")
     ap.add_argument("--base", required=True, help="base (item) vectors, .fbin [N, D]")
@@ -539,7 +540,11 @@ def main(argv=None):
     ap.add_argument("--nprobe", type=int, default=64, help="faiss_ivf: lists probed per query")
     ap.add_argument("--ef_search", type=int, default=128, help="faiss_hnsw: search beam width")
     ap.add_argument("--seed", type=int, default=0, help="seed of the faiss_ivf training sample")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         if args.threads > 0:
             torch.set_num_threads(args.threads)

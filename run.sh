@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# The pipeline: (demo data) -> CTR priors -> train -> infer on the newest checkpoint -> evaluate.
+# The pipeline: (demo data) -> CTR priors -> train -> infer with the best checkpoint -> evaluate.
 #
 # With TRAIN_DATA_PATH unset it builds (or reuses) demo data under data/demo and runs everything
 # there. With it set, it runs on your data; inference and evaluation run only where
 # EVAL_DATA_PATH has predict_seq.jsonl (and ground_truth.jsonl for the score).
-# Extra arguments go to main.py (e.g. bash run.sh --num_epochs 8).
+# Training length follows the data: main.py holds out a validation slice of the training users
+# (or uses ../valid beside the training folder), keeps the best checkpoint and stops when
+# validation stops improving. Extra arguments go to main.py, e.g. the seed solution's full-size
+# model for TencentGR-1M-sized data: bash run.sh --preset taac1m
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
-# The seed's recommended model at full size; demo data gets a CPU-sized budget instead.
-SIZE_ARGS="--dqk=32 --dv=64 --num_blocks=10 --num_heads=8 --dropout_rate=0.2 --batch_size=64 --lr=0.002
-  --warmup_steps=2666 --gradient_accumulation_steps=4 --clip_norm=1.0 --temperature=0.03 --num_epochs=8 --pin_memory"
 if [ -z "${TRAIN_DATA_PATH:-}" ]; then
   DEMO=${DEMO_DIR:-data/demo}
   $PY make_demo_data.py --out "$DEMO"
   export TRAIN_DATA_PATH=$DEMO/train
   export EVAL_DATA_PATH=${EVAL_DATA_PATH:-$DEMO/eval}
-  SIZE_ARGS="--maxlen 64 --lr 2e-3 --num_epochs 6"
 fi
 RUN=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
 export TRAIN_LOG_PATH=${TRAIN_LOG_PATH:-$RUN/logs}
@@ -27,15 +26,12 @@ export USER_CACHE_PATH=${USER_CACHE_PATH:-runs/cache/$(basename "$(dirname "$(re
 export MODEL_OUTPUT_PATH=${MODEL_OUTPUT_PATH:-$TRAIN_CKPT_PATH}
 export EVAL_RESULT_PATH=${EVAL_RESULT_PATH:-$RUN/result}
 
-if [ ! -f "$USER_CACHE_PATH/ctr/ctr_meta.json" ]; then
-  $PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir "${USER_CACHE_PATH}/ctr" \
-      --prior auto --k_clip 10,10000
-fi
+# recomputed only when seq.jsonl changed since the priors were written
+$PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir "${USER_CACHE_PATH}/ctr" \
+    --prior auto --k_clip 10,10000 --reuse
 
-# shellcheck disable=SC2086
 $PY -u main.py --use_ctr --use_userctr --use_itemctr --ctr_dir "${USER_CACHE_PATH}/ctr" \
-    --use_timefeat --use_rel_bias=1 --norm_first --norm_type=rmsnorm --encoder_type=hstu \
-    --action_cond $SIZE_ARGS "$@"
+    --use_timefeat --use_rel_bias=1 --norm_first --norm_type=rmsnorm --encoder_type=hstu --action_cond "$@"
 
 if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
   $PY -u infer.py

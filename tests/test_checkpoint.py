@@ -107,9 +107,10 @@ def test_checkpoint_from_before_a_new_field_loads(tmp_path, monkeypatch):
     del old["use_user_id"], old["emb_init_std"]     # as if written before these fields existed
     write(tmp_path, 3, model, data_cfg, old)        # no config_version, no objective_config: version 1
     monkeypatch.setattr(ModelConfig, "LEGACY", {"emb_init_std": 0.5})
-    got, dcfg, path, why = C.load_for_inference(str(tmp_path))
+    got, dcfg, path, info = C.load_for_inference(str(tmp_path))
     assert got.cfg.emb_init_std == 0.5 and got.cfg.use_user_id is True and dcfg == data_cfg
-    assert path.endswith("global_step3/model.pt") and why == "newest complete checkpoint (no best.json)"
+    assert path.endswith("global_step3/model.pt") and info == {"why": "newest complete checkpoint (no best.json)",
+                                                                "mask_history": None}
     for k, v in model.state_dict().items():
         assert torch.equal(got.state_dict()[k], v)
 

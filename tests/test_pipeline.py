@@ -152,7 +152,7 @@ def test_hard_negative_cache_persisted_reused_and_never_a_positive(demo):
         u = recs[0][0]
         own = {r[1] for r in recs if r[1] is not None}
         assert not own & set(cache.get(u, []))
-    assert "cached from a previous run" in run(cmd + ["--resume", "none"], e).stdout
+    assert "cached from a previous run" in run(cmd, dict(e, TRAIN_CKPT_PATH=str(d / "hn2"))).stdout
 
 
 def test_skip_bad_records_counts_and_logs_skipped_lines(demo):

@@ -1,6 +1,7 @@
 """Tests for precompute_ctr.py: Beta method-of-moments prior, shrinkage, logit, standardisation,
 ctr_value consistency, item popularity, input validation and the CLI."""
 import json
+import os
 import math
 import subprocess
 import sys
@@ -252,8 +253,10 @@ def test_cli_fixed_prior_outputs(tmp_path, capsys):
     assert meta["user"]["prior_value"] == pytest.approx((1 / 4 - mean) / std)
     assert {k: v[:2] for k, v in items.items()} == {"10": [1, 3], "11": [1, 1], "12": [0, 1]}
     # item_pop: counts 1 1 3, q 0.8 -> position 1.6 -> 3
-    assert read(tmp_path / "pop.json") == {"head_quantile": 0.8, "head_min_count": 3,
-                                           "counts": {"10": 3, "11": 1, "12": 1}}
+    pop = read(tmp_path / "pop.json")
+    fp = pop.pop("seq_fingerprint")      # what the counts came from, to tell when they are stale
+    assert pop == {"head_quantile": 0.8, "head_min_count": 3, "counts": {"10": 3, "11": 1, "12": 1}}
+    assert fp["size"] == os.path.getsize(seq) and fp["path"] == str(seq)
     assert not (out / "item_pop.json").exists()
     # same command twice -> identical files
     before = {f.name: f.read_bytes() for f in out.iterdir()}
