@@ -120,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     flag("--query_head", True, "a linear head turns the encoder state into the query (off: the state is the query)")
     flag("--use_type_emb", True, "token-type and action rows added to every token")
     flag("--use_user_token", True, "a user token (user id and features) leads the sequence")
+    flag("--hstu_ffn", False, "a point-wise feed-forward sub-layer (norm, 2 layers, residual) after each HSTU attention")
     flag("--action_cond", False, "tell the encoder the next action (click at inference)")
     flag("--grad_checkpoint", False, "recompute encoder blocks in the backward pass to save memory")
     p.add_argument("--first_epoch_id_item_dropout", type=float, nargs="?", const=0.5, default=0.0,
@@ -159,9 +160,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases/embeddings)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup optimizer steps")
-    g.add_argument("--lr_schedule", choices=["auto", "cosine", "constant"], default="auto",
-                   help="after warmup: cosine decay to 0 at the last step, or constant; auto: cosine when the run's "
-                        "length is fixed (--num_epochs or --max_steps), else constant")
+    g.add_argument("--lr_schedule", choices=["auto", "cosine", "constant", "plateau"], default="auto",
+                   help="after warmup: cosine decay to 0 at the last step; constant; or plateau: constant, cut to "
+                        "--plateau_factor of itself whenever validation has not improved for half of --patience; "
+                        "auto: cosine when the run's length is fixed (--num_epochs or --max_steps), else plateau")
+    g.add_argument("--plateau_factor", type=float, default=0.3, help="LR factor of each plateau cut")
     g.add_argument("--num_epochs", type=int, default=None,
                    help="passes over the training users (default: until validation stops improving, see --patience, "
                         "at most --max_epochs)")
@@ -208,7 +211,7 @@ _FLOAT_RANGE = {"lr": (0, None, False), "temperature": (0, None, False), "tau_cl
                 "tau_expo": (0, None, False), "emb_init_std": (0, None, False), "click_weight": (0, None, False),
                 "weight_decay": (0, None, True), "clip_norm": (0, None, True), "focal_gamma": (0, None, True),
                 "lambda_rank": (0, None, True), "dropout_rate": (0, 1, True), "attn_dropout": (0, 1, True),
-                "first_epoch_id_item_dropout": (0, 1, True)}
+                "first_epoch_id_item_dropout": (0, 1, True), "plateau_factor": (0, 1, False)}
 
 
 def check_args(args) -> None:
@@ -280,13 +283,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
-    """LR factor by optimizer step: linear warmup, then cosine decay to 0 at `total` or constant."""
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine", scale: list = None):
+    """LR factor by optimizer step: linear warmup, then cosine decay to 0 at `total`, or constant
+    (times scale[0], which plateau cuts lower during the run)."""
     def f(step):
         if step < warmup:
             return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
+        if schedule != "cosine":
+            return scale[0] if scale else 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return f
 
@@ -377,6 +381,8 @@ class Setup:
     trainer: torch.nn.Module = None       # the loss module, wrapped in DDP when world > 1
     opt: torch.optim.Optimizer = None
     sched: torch.optim.lr_scheduler.LambdaLR = None
+    schedule: str = None                  # the LR schedule in use (--lr_schedule with auto resolved)
+    lr_scale: list = dataclasses.field(default_factory=lambda: [1.0])   # plateau cuts so far (in st too)
     skipped: set = dataclasses.field(default_factory=set)   # messages of lines skipped so far
 
     def configs(self) -> dict:
@@ -459,10 +465,10 @@ def add_model(s: Setup, say=print) -> Setup:
     warmup = min(a.warmup_steps, s.total_steps // 5)
     if warmup < a.warmup_steps:
         say(f"notice: --warmup_steps {a.warmup_steps} capped to {warmup} (a fifth of the {s.total_steps} steps)")
-    schedule = a.lr_schedule
-    if schedule == "auto":
-        schedule = "cosine" if a.num_epochs is not None or a.max_steps else "constant"
-    s.sched = torch.optim.lr_scheduler.LambdaLR(s.opt, lr_lambda(warmup, s.total_steps, schedule))
+    s.schedule = a.lr_schedule
+    if s.schedule == "auto":
+        s.schedule = "cosine" if a.num_epochs is not None or a.max_steps else "plateau"
+    s.sched = torch.optim.lr_scheduler.LambdaLR(s.opt, lr_lambda(warmup, s.total_steps, s.schedule, s.lr_scale))
     return s
 
 
@@ -629,6 +635,11 @@ def setup_process(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        # with more than one thread some CPU kernels accumulate in a varying order (weights then
+        # differed by up to 6e-7 between two runs); their deterministic versions cost no
+        # measurable time here, so the same command gives the same weights bit for bit
+        torch.use_deterministic_algorithms(True)
     seed_everything(args.seed + rank)
     return rank, world, device
 
@@ -643,7 +654,7 @@ def main(argv=None):
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     s = build_training(args, paths, device, rank, world, say)
 
-    st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "nonfinite": 0,
+    st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "nonfinite": 0, "lr_scale": 1.0,
           "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"}
     resume = C.find_resume(args.resume, paths["ckpt"])
     if resume:
@@ -654,6 +665,7 @@ def main(argv=None):
             return resume
         ck = C.load_resume(resume, s.model, s.opt, s.sched, s.model_cfg, rank)
         st.update({k: ck[k] for k in st if k in ck}, **({"bad_evals": ck["bad_epochs"]} if "bad_epochs" in ck else {}))
+        s.lr_scale[0] = st["lr_scale"]
         say(f"resumed from {resume}: epoch {st['epoch'] + 1}, batch {st['micro']}, step {st['step']}")
     elif C.complete(paths["ckpt"]):
         steps = [os.path.basename(p) for p in C.complete(paths["ckpt"])]
@@ -701,6 +713,10 @@ def main(argv=None):
                 dist.broadcast(flag_t, 0)
                 st["bad_evals"] = int(flag_t.item())
             early = bool(s.patience and st["bad_evals"] >= s.patience)
+            if s.schedule == "plateau" and not early and st["bad_evals"] and st["bad_evals"] % max(1, s.patience // 2) == 0:
+                s.lr_scale[0] = st["lr_scale"] = st["lr_scale"] * args.plateau_factor
+                say(f"plateau: no validation gain for {st['bad_evals']} validations; LR x{args.plateau_factor} "
+                    f"(now {args.lr * st['lr_scale']:.3g})")
         if extra or epoch_end or final or stop.requested or (args.ckpt_every_steps and st["step"] % args.ckpt_every_steps == 0):
             last_ckpt = save(extra)
         if epoch_end:

@@ -52,6 +52,7 @@ class ModelConfig:
     query_head: bool = True           # a linear head on the encoder state (off: the state is the query)
     use_type_emb: bool = True         # token-type and action rows added to every token
     use_user_token: bool = True       # the user token leads the sequence (off: item events only)
+    hstu_ffn: bool = False            # a point-wise feed-forward sub-layer after each HSTU attention
     grad_checkpoint: bool = False
     feat_dim: int = 0                 # width of each feature embedding; 0 = hidden_units
     maxlen: int = 100
@@ -70,7 +71,7 @@ class ModelConfig:
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed and removed fields (checkpoint.config_from_dict).
     LEGACY: ClassVar[dict] = {"item_tower": "mlp", "score": "cosine", "query_head": True, "use_type_emb": True,
-                              "use_user_token": True}
+                              "use_user_token": True, "hstu_ffn": False}
     RENAMED: ClassVar[dict] = {}
     REMOVED: ClassVar[dict] = {}
 
@@ -221,6 +222,7 @@ class HSTUBlock(nn.Module):
         self.out = nn.Linear(h * cfg.dv, d)
         self.drop = nn.Dropout(cfg.dropout_rate)
         self.rel = RelativeBias(cfg) if cfg.use_rel_bias else None
+        self.ffn = FeedForward(cfg) if cfg.hstu_ffn else None
 
     def forward(self, x, ctx):
         B, T, _ = x.shape
@@ -237,6 +239,23 @@ class HSTUBlock(nn.Module):
                       self.cfg.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(B, T, self.h * self.dv)  # [B, T, H*dv]
         x = x + self.drop(self.out(self.attn_norm(a) * u))
+        x = x if self.cfg.norm_first else self.norm(x)
+        return x if self.ffn is None else self.ffn(x)
+
+
+class FeedForward(nn.Module):
+    """Point-wise feed-forward sub-layer with its own norm and residual (HSTU blocks with hstu_ffn)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_units
+        self.cfg, self.norm = cfg, make_norm(cfg.norm_type, d)
+        self.net = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout_rate), nn.Linear(d, d))
+        self.drop = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x):
+        y = self.norm(x) if self.cfg.norm_first else x
+        x = x + self.drop(self.net(y))
         return x if self.cfg.norm_first else self.norm(x)
 
 

@@ -203,11 +203,11 @@ def test_cli_bad_line_exit_2_one_line(tmp_path):
     path.write_text(json.dumps(TINY[0]) + "\n" + BAD[6][0] + "\n")
     r = run_cli("--seq_path", path, "--output_dir", tmp_path / "ctr")
     assert r.returncode == 2
-    assert r.stderr == f"{path}:2: {BAD[6][1]}\n"
+    assert r.stderr == f"error: {path}:2: {BAD[6][1]}\n"
     assert not (tmp_path / "ctr").exists()
     r = run_cli("--seq_path", tmp_path / "missing.jsonl", "--output_dir", tmp_path / "ctr")
     assert r.returncode == 2
-    assert r.stderr == f"{tmp_path / 'missing.jsonl'}: file not found, expected the training seq.jsonl\n"
+    assert r.stderr == f"error: {tmp_path / 'missing.jsonl'}: file not found, expected the training seq.jsonl\n"
 
 
 def test_cli_skip_bad_records(tmp_path):
