@@ -49,6 +49,7 @@ import argparse
 import collections
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -57,7 +58,7 @@ from array import array
 import numpy as np
 from tqdm import tqdm
 
-from layout import DataError, atomic_write, dump_json, dump_pickle
+from layout import MAX_ID, ArgumentParser, DataError, atomic_write, check_writable, dump_json, dump_pickle, os_error
 
 FID_AGE, FID_GENDER, FID_OCC, FID_ZIP, FID_YEAR, FID_TAGS = "103", "104", "105", "109", "112", "125"
 FEATURE_NAMES = {FID_AGE: "age_bucket", FID_GENDER: "gender", FID_OCC: "occupation",
@@ -89,28 +90,67 @@ class Events:
                 for k in ("user", "item", "action", "ts")}
 
 
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
 def _int(tok, where, what):
-    try:
-        return int(tok)
-    except ValueError:
-        raise DataError(f"{where}: {what} {tok!r} is not an integer") from None
+    """A decimal integer in [0, 2^63 - 1] (ids and timestamps are stored as int64 and the layout's
+    readers refuse negatives). Only ASCII digits: Python's int() would also take '3_0' or
+    Arabic-Indic digits and silently read another id."""
+    t = tok.strip()
+    if not _INT.fullmatch(t):
+        raise DataError(f"{where}: {what} {tok!r} is not an integer")
+    v = int(t)
+    if not 0 <= v <= MAX_ID:
+        raise DataError(f"{where}: {what} {tok!r} is out of range, expected a non-negative integer below 2^63")
+    return v
 
 
 def _float(tok, where, what):
+    """A finite decimal number (NaN or inf would make every comparison with --min_rating false)."""
+    t = tok.strip()
+    if not _FLOAT.fullmatch(t):
+        raise DataError(f"{where}: {what} {tok!r} is not a finite number")
+    v = float(t)
+    if not math.isfinite(v):
+        raise DataError(f"{where}: {what} {tok!r} is not a finite number")
+    return v
+
+
+def _open_text(path, encoding):
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, expected a file")
     try:
-        return float(tok)
-    except ValueError:
-        raise DataError(f"{where}: {what} {tok!r} is not a number") from None
+        return open(path, encoding=encoding, errors="replace")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _lines(path, encoding="utf-8", desc=None):
-    """(where, line) for each non-blank line, where = 'path:lineno'."""
-    with open(path, encoding=encoding, errors="replace") as f:
+def _lines(path, encoding="utf-8", desc=None, need=None):
+    """(where, line) for each non-blank line, where = 'path:lineno'. need: what the file must
+    hold (e.g. "ratings"); an empty file is then an error. A file whose last line has no newline
+    gets a warning: if it was cut short, that line may be incomplete."""
+    seen, last = False, "\n"
+    with _open_text(path, encoding) as f:
         for n, line in enumerate(tqdm(f, desc=desc, unit=" lines", disable=desc is None or
                                       not sys.stderr.isatty()), 1):
+            last = line
             line = line.rstrip("\r\n")
             if line.strip():
+                seen = True
                 yield f"{path}:{n}", line
+    if need and not seen:
+        raise DataError(f"{path}: empty file, expected {need}")
+    if not last.endswith("\n") and last.strip():
+        print(f"warning: {path}:{n}: the file ends without a newline; if it was cut short, this last line "
+              f"is incomplete", file=sys.stderr)
+
+
+def _once(table, key, where, what):
+    """Refuse a second definition of the same item or user: the last one would silently win."""
+    if key in table:
+        raise DataError(f"{where}: {what} {key} already defined on an earlier line, expected one line per {what}")
 
 
 def _split(where, line, sep, n, what):
@@ -161,6 +201,8 @@ def _action(rating, min_rating):
 
 def _need(folder, name, why):
     path = os.path.join(folder, name)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, expected a file; {why}")
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing; {why}")
     return path
@@ -168,7 +210,8 @@ def _need(folder, name, why):
 
 def _read_ml100k(folder, min_rating):
     ev = Events()
-    for where, line in _lines(os.path.join(folder, "u.data"), desc="u.data"):
+    for where, line in _lines(os.path.join(folder, "u.data"), desc="u.data",
+                              need="tab-separated lines user, item, rating, timestamp"):
         u, i, r, t = _split(where, line, "\t", 4, "user, item, rating, timestamp")
         ev.add(_int(u, where, "user id"), _int(i, where, "item id"),
                _action(_float(r, where, "rating"), min_rating), _int(t, where, "timestamp"))
@@ -185,20 +228,25 @@ def _read_ml100k(folder, min_rating):
             raise DataError(f"{where}: genre flags must be 0 or 1, got {'|'.join(f[5:])!r}")
         date = f[2].strip()
         year = _int(date[-4:], where, "release year") if date else _title_year(f[1])
-        items[_int(f[0], where, "item id")] = _item_feats(
+        iid = _int(f[0], where, "item id")
+        _once(items, iid, where, "item")
+        items[iid] = _item_feats(
             year, [g for g, flag in zip(genres, f[5:]) if flag == "1"])
     users = {}
     path = _need(folder, "u.user", "the 100K variant needs u.user next to u.data")
     for where, line in _lines(path, "latin-1"):
         uid, age, gender, occ, zip_code = _split(where, line, "|", 5,
                                                  "id, age, gender, occupation, zip")
-        users[_int(uid, where, "user id")] = _user_feats(age, gender, occ, zip_code, where)
+        uid = _int(uid, where, "user id")
+        _once(users, uid, where, "user")
+        users[uid] = _user_feats(age, gender, occ, zip_code, where)
     return ev, items, users, {"variant": "ml-100k (u.data)"}
 
 
 def _read_ml_dat(folder, min_rating):
     ev = Events()
-    for where, line in _lines(os.path.join(folder, "ratings.dat"), desc="ratings.dat"):
+    for where, line in _lines(os.path.join(folder, "ratings.dat"), desc="ratings.dat",
+                              need="lines UserID::MovieID::Rating::Timestamp"):
         u, i, r, t = _split(where, line, "::", 4, "UserID::MovieID::Rating::Timestamp")
         ev.add(_int(u, where, "user id"), _int(i, where, "item id"),
                _action(_float(r, where, "rating"), min_rating), _int(t, where, "timestamp"))
@@ -209,8 +257,9 @@ def _read_ml_dat(folder, min_rating):
         parts = line.split("::")
         if len(parts) < 3:
             raise DataError(f"{where}: expected MovieID::Title::Genres")
-        items[_int(parts[0], where, "item id")] = _item_feats(
-            _title_year("::".join(parts[1:-1])), parts[-1].split("|"))
+        iid = _int(parts[0], where, "item id")
+        _once(items, iid, where, "item")
+        items[iid] = _item_feats(_title_year("::".join(parts[1:-1])), parts[-1].split("|"))
     users = {}
     path = os.path.join(folder, "users.dat")
     if os.path.isfile(path):
@@ -220,7 +269,9 @@ def _read_ml_dat(folder, min_rating):
             feats = _user_feats(age, gender, occ, zip_code, where)
             if FID_OCC in feats:
                 feats[FID_OCC] = _int(feats[FID_OCC], where, "occupation code")
-            users[_int(uid, where, "user id")] = feats
+            uid = _int(uid, where, "user id")
+            _once(users, uid, where, "user")
+            users[uid] = feats
     else:
         print(f"notice: {path} not found (as in ML-10M): no user features")
     return ev, items, users, {"variant": "ml-1m/10m (ratings.dat)"}
@@ -238,7 +289,7 @@ def _read_ml_csv(folder, min_rating):
     ev = Events()
     path = os.path.join(folder, "ratings.csv")
     cols = None
-    for where, line in _lines(path, desc="ratings.csv"):
+    for where, line in _lines(path, desc="ratings.csv", need="a header line and rating lines"):
         f = line.split(",")
         if cols is None:
             cols = _csv_columns(where, f, ["userId", "movieId", "rating", "timestamp"])
@@ -248,19 +299,26 @@ def _read_ml_csv(folder, min_rating):
         u, i, r, t = (f[c] for c in cols)
         ev.add(_int(u, where, "user id"), _int(i, where, "item id"),
                _action(_float(r, where, "rating"), min_rating), _int(t, where, "timestamp"))
+    if cols is not None and not len(ev.user):
+        raise DataError(f"{path}: only a header line, expected rating lines after it")
     items = {}
     path = _need(folder, "movies.csv", "ratings.csv needs movies.csv beside it")
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        rows = csv.reader(fh)
-        cols = _csv_columns(f"{path}:1", next(rows, []), ["movieId", "title", "genres"])
-        for row in rows:
-            where = f"{path}:{rows.line_num}"
-            if not row:
-                continue
-            if len(row) <= max(cols):
-                raise DataError(f"{where}: expected movieId,title,genres, got {row!r}")
-            mid, title, genres = (row[c] for c in cols)
-            items[_int(mid, where, "movie id")] = _item_feats(_title_year(title), genres.split("|"))
+        rows = csv.reader(fh, strict=True)
+        try:
+            cols = _csv_columns(f"{path}:1", next(rows, []), ["movieId", "title", "genres"])
+            for row in rows:
+                where = f"{path}:{rows.line_num}"
+                if not row:
+                    continue
+                if len(row) <= max(cols):
+                    raise DataError(f"{where}: expected movieId,title,genres, got {row!r}")
+                mid, title, genres = (row[c] for c in cols)
+                iid = _int(mid, where, "movie id")
+                _once(items, iid, where, "item")
+                items[iid] = _item_feats(_title_year(title), genres.split("|"))
+        except csv.Error as e:
+            raise DataError(f"{path}:{rows.line_num}: not valid CSV ({e}); is the file cut short?") from None
     return ev, items, {}, {"variant": "ml-20m/25m/latest (ratings.csv)"}
 
 
@@ -285,7 +343,7 @@ def read_s3rec(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found; --format s3rec takes <Name>.txt or its folder")
     ev, seen = Events(), {}
-    for where, line in _lines(path, desc=os.path.basename(path)):
+    for where, line in _lines(path, desc=os.path.basename(path), need="lines `user item1 item2 ...`"):
         toks = line.split()
         user = _int(toks[0], where, "user id")
         if user in seen:
@@ -296,12 +354,27 @@ def read_s3rec(path):
             ev.add(user, _int(tok, where, "item id"), 1, pos)
     items = {}
     attr_path = path[:-len(".txt")] + "_item2attributes.json" if path.endswith(".txt") else ""
+    if attr_path and os.path.isdir(attr_path):
+        raise DataError(f"{attr_path}: a folder, expected the JSON file {{item id: [attribute ids]}}")
     if os.path.isfile(attr_path):
-        with open(attr_path, encoding="utf-8") as f:
-            try:
-                attrs = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{attr_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        def no_repeats(pairs):
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) < len(keys):
+                dup = next(k for k in keys if keys.count(k) > 1)
+                raise DataError(f"{attr_path}: key {json.dumps(dup)} appears twice in one object, expected "
+                                f"each item once")
+            return dict(pairs)
+        try:
+            with open(attr_path, encoding="utf-8") as f:
+                attrs = json.load(f, object_pairs_hook=no_repeats)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{attr_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{attr_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except RecursionError:
+            raise DataError(f"{attr_path}: JSON nested too deeply") from None
+        except OSError as e:
+            raise DataError(f"{attr_path}: cannot read ({e.strerror})") from None
         if not isinstance(attrs, dict):
             raise DataError(f"{attr_path}:1: expected an object {{item id: [attribute ids]}}")
         for k, v in attrs.items():
@@ -344,6 +417,42 @@ def _write_jsonl(path, lines):
     return offsets
 
 
+OUTPUTS = ("train/seq.jsonl", "train/seq_offsets.pkl", "train/indexer.pkl", "train/item_feat_dict.json",
+           *(f"{s}/{n}" for s in ("valid", "test")
+             for n in ("predict_seq.jsonl", "predict_seq_offsets.pkl", "predict_set.jsonl", "ground_truth.jsonl")))
+
+
+def check_output(out):
+    """Before any work: --out is a folder we can write, and it holds no data this script did not
+    make (a TencentGR folder's seq.jsonl would be overwritten). A folder whose dataset_meta.json
+    was written by this script (complete, or marked incomplete by an interrupted run) may be
+    converted into again."""
+    meta_path = os.path.join(out, "dataset_meta.json")
+    ours = False
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+        ours = isinstance(meta, dict) and (meta.get("incomplete") is True or {"format", "split"} <= meta.keys())
+    if not ours:
+        found = [p for p in OUTPUTS if os.path.exists(os.path.join(out, p))]
+        if found:
+            raise DataError(f"{os.path.join(out, found[0])}: exists and was not written by convert_public.py (no "
+                            f"dataset_meta.json of ours in {out}); refusing to overwrite it, choose another --out")
+    check_writable(out, "--out")
+
+
+def _mark_incomplete(out, fmt):
+    """dataset_meta.json says "incomplete" while the outputs are written: an interrupted run (a
+    full disk, a kill) leaves a mix of new and old files that no reader takes for a finished
+    conversion, and that a rerun may overwrite."""
+    dump_json({"format": fmt, "incomplete": True, "has_timestamps": fmt != "s3rec",
+               "note": "conversion started and did not finish; rerun convert_public.py"},
+              os.path.join(out, "dataset_meta.json"), indent=1)
+
+
 def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"):
     """Convert `input_path` (format 'movielens' or 's3rec') into the layout under `out`.
 
@@ -358,6 +467,9 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
     if min_seq_len < 3:
         raise DataError(f"--min_seq_len {min_seq_len}: must be at least 3 (train, valid and test "
                         f"each need an event)")
+    if min_rating is not None and not math.isfinite(min_rating):
+        raise DataError(f"--min_rating {min_rating}: expected a finite number")
+    check_output(out)
     if fmt == "movielens":
         ev, item_meta, user_meta, info = read_movielens(input_path, min_rating)
         has_ts = True
@@ -426,6 +538,7 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
                         f"(--targets clicks); lower --min_rating or use --targets last")
     bar = dict(unit=" users", disable=not sys.stderr.isatty())
 
+    _mark_incomplete(out, fmt)
     train = os.path.join(out, "train")
     offs = _write_jsonl(os.path.join(train, "seq.jsonl"),
                         (line(k, idx[:cuts[0]] if cuts else idx, prof) for k, _, idx, prof, cuts in
@@ -483,7 +596,7 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=["movielens", "s3rec"],
                    help="input family: MovieLens folder or S3Rec <Name>.txt")
@@ -509,6 +622,9 @@ def main(argv=None):
         meta = convert(args.format, args.input, args.out, args.min_rating, args.min_seq_len, args.targets)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:      # a full disk, an unwritable folder: one line, no traceback
+        print(f"error: {os_error(e)}", file=sys.stderr)
         sys.exit(2)
     c = meta["counts"]
     print(f"{meta['format']} ({meta['variant']}): {c['users']} users, {c['items']} items, "

@@ -7,7 +7,9 @@ docs/DATA_FORMAT.md. Configs are built once and never mutated: functions that le
 from the data (the schema, the CTR standardisation, the multimodal dimensions) return a new
 DataConfig.
 """
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import math
 import os
@@ -229,6 +231,21 @@ def mm_fingerprint(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int) ->
     return {"num_items": num_items, "ids_sha1": ids, "sources": srcs}
 
 
+def _reserve(path: str) -> None:
+    """Allocate a (sparse) file's blocks now: on a full disk the write of a memory-mapped page
+    would kill the process with SIGBUS; posix_fallocate fails with a plain OSError instead."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # a file system without it
+            raise
+    finally:
+        os.close(fd)
+
+
 def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, cache_dir: str) -> tuple:
     """Convert feature `fid` to `cache_dir/mm/emb_{fid}.npy` (rows: 0 pad, 1..num_items by item
     re-id, then creative ids unknown to the indexer) plus a JSON index written last.
@@ -275,15 +292,23 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
                         f"(looked for emb_{fid}_*.pkl and emb_{fid}_*/part-*)")
     os.makedirs(out, exist_ok=True)
     rows = num_items + 1 + len(extra)
-    tmp = npy + f".{os.getpid()}.tmp"
-    table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
-    mask = np.zeros(rows, bool)
-    for cid, vec, _ in iter_mm_vectors(emb_dir, fid):
-        r = cid_to_reid.get(cid) or extra[cid]
-        table[r], mask[r] = vec, True
-    table.flush()
-    del table
-    os.replace(tmp, npy)
+    tmp = os.path.join(out, f".emb_{fid}.npy.{os.getpid()}.tmp")     # layout.atomic_write's naming
+    try:
+        table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
+        _reserve(tmp)
+        mask = np.zeros(rows, bool)
+        for cid, vec, _ in iter_mm_vectors(emb_dir, fid):
+            r = cid_to_reid.get(cid) or extra[cid]
+            table[r], mask[r] = vec, True
+        table.flush()
+        del table
+        os.replace(tmp, npy)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):     # a failed write names no file
+            raise OSError(e.errno, e.strerror or str(e), npy) from None
+        raise
     with atomic_write(mask_path, "wb") as f:
         np.save(f, mask)
     dump_json({"fid": fid, "dim": dim, "num_items": num_items, "rows": rows, "fingerprint": fp,

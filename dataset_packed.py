@@ -13,12 +13,13 @@ import math
 import os
 import random
 import signal
+import sys
 
 import numpy as np
 import torch
 
-from layout import (CLICK, DataError, LineReader, check_feats, iter_jsonl, parse_user_records, read_offsets, show_json,
-                    with_location)
+from layout import (CLICK, MAX_ID, DataError, LineReader, check_feats, iter_jsonl, parse_user_records, read_offsets,
+                    show_json, with_location)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +135,18 @@ class EpochSampler(torch.utils.data.Sampler):
 # Inference datasets
 # ---------------------------------------------------------------------------------------------
 
+def _need_file(path: str, what: str, where: str) -> None:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, expected the {what} file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (looked for the {what} in {where})")
+
+
 def eval_offsets(eval_dir: str, seq_name: str = "predict_seq") -> tuple:
     """Offsets of predict_seq.jsonl: the pickle when present, else computed by one pass."""
     seq = os.path.join(eval_dir, f"{seq_name}.jsonl")
     pkl = os.path.join(eval_dir, f"{seq_name}_offsets.pkl")
-    if not os.path.isfile(seq):
-        raise DataError(f"{seq}: file not found (looked for the predict sequences in {eval_dir})")
+    _need_file(seq, "predict sequences", eval_dir)
     if os.path.exists(pkl):
         return seq, read_offsets(pkl, seq)
     offsets, pos = [], 0
@@ -152,12 +159,16 @@ def eval_offsets(eval_dir: str, seq_name: str = "predict_seq") -> tuple:
 
 
 class PredictSeqDataset(torch.utils.data.Dataset):
-    """One sample per line of predict_seq.jsonl, in file order; `_user` is the raw user id."""
+    """One sample per line of predict_seq.jsonl, in file order; `_user` is the raw user id.
+
+    A user on several lines is answered once per line, in order (infer.py says how many
+    repeat); a line without item events (only a profile record) is a cold user, answered from
+    its features."""
 
     def __init__(self, eval_dir: str, builder, raw_user_of: dict):
         seq, offsets = eval_offsets(eval_dir)
         if not offsets:
-            raise DataError(f"{seq}: no predict users")
+            raise DataError(f"{seq}: no predict users (the file has no JSON lines)")
         self.lines, self.builder, self.raw_user_of = LineReader(seq, offsets), builder, raw_user_of
 
     def __len__(self):
@@ -172,35 +183,60 @@ class PredictSeqDataset(torch.utils.data.Dataset):
         return s
 
 
+_told = set()     # (path, size, mtime) of candidate files whose duplicates were already reported
+
+
 def read_candidates(eval_dir: str, known=()) -> tuple:
     """predict_set.jsonl -> (creative ids int64, retrieval ids int64, feature dicts).
 
-    Every line is validated, but the feature dict is kept only for creative ids not in `known`
-    (cold items; the rest get None): the item table already holds the others' features, and at
-    millions of candidates the dicts would dominate memory."""
+    Every line is validated: creative_id and retrieval_id are ints in [0, 2^63 - 1] (the ids
+    are stored as int64), retrieval ids are unique, no object gives a key twice.
+
+    Duplicates: a creative id listed on several lines (under other retrieval ids) is kept once,
+    with its first line's retrieval id and features; the later lines are dropped (their
+    retrieval ids are then absent from id.u64bin) and counted in one notice on stderr, once per
+    file per process. Kept, a duplicate would fill a user's top-k with the same item twice.
+
+    The feature dict is kept only for creative ids not in `known` (cold items; the rest get
+    None): the item table already holds the others' features, and at millions of candidates the
+    dicts would dominate memory."""
     path = os.path.join(eval_dir, "predict_set.jsonl")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found (looked for the candidate pool in {eval_dir})")
-    cids, rids, feats, line_of = [], [], [], {}
-    for lineno, obj in iter_jsonl(path):
+    _need_file(path, "candidate pool", eval_dir)
+    cids, rids, feats, line_of, first_of = [], [], [], {}, {}
+    dropped, first_dup = 0, None
+    for lineno, obj in iter_jsonl(path, unique_keys=True):
         where = f"{path}:{lineno}"
         if not isinstance(obj, dict) or "creative_id" not in obj:
             raise DataError(f"{where}: expected an object with creative_id, retrieval_id, features")
-        cid, rid = obj["creative_id"], obj.get("retrieval_id", len(rids))
+        cid, rid = obj["creative_id"], obj.get("retrieval_id", len(line_of))
         for name, v in (("creative_id", cid), ("retrieval_id", rid)):
-            if type(v) is not int or v < 0:
-                raise DataError(f"{where}: {name} is {show_json(v)}, expected a non-negative int")
+            if type(v) is not int or not 0 <= v <= MAX_ID:
+                raise DataError(f"{where}: {name} is {show_json(v)}, expected a non-negative int below 2^63")
         if rid in line_of:      # id.u64bin and retrive_id2creative_id.json need one row per id
             raise DataError(f"{where}: retrieval_id {rid} already used on line {line_of[rid]}, "
                               f"expected unique retrieval ids")
         line_of[rid] = lineno
         f = obj.get("features")
         check_feats(f, where, "features")
+        if cid in first_of:
+            dropped += 1
+            first_dup = first_dup or (lineno, cid, first_of[cid])
+            continue
+        first_of[cid] = lineno
         cids.append(cid)
         rids.append(rid)
         feats.append(None if cid in known else (f or {}))
     if not cids:
         raise DataError(f"{path}: no candidates (the file has no JSON lines)")
+    if dropped:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key not in _told:
+            _told.add(key)
+            line, cid, first = first_dup
+            print(f"notice: {path}: {dropped} lines repeat a creative id already listed (first: line {line}, "
+                  f"creative_id {cid} of line {first}); each creative id is kept once, with its first line's "
+                  f"retrieval_id ({len(cids)} distinct candidates)", file=sys.stderr, flush=True)
     return np.array(cids, np.int64), np.array(rids, np.int64), feats
 
 

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from layout import DataError, iter_jsonl, load_pickle, read_json
+from layout import ArgumentParser, DataError, iter_jsonl, load_pickle, os_error, read_json, show_json
 from precompute_ctr import count_events
 
 W_HR, W_NDCG = 0.31, 0.69
@@ -87,23 +87,53 @@ def metrics_from_ranks(ranks, ks=(10, 50, 200)):
 # ---------------------------------------------------------------------------------------------
 
 
+def _id_problem(v, what):
+    """Why a parsed JSON value is not an id, or None. Ids are ints or digit strings (raw ids);
+    user ids may also be other non-empty strings. Floats (5.0), booleans, null, arrays and
+    objects are refused: str(5.0) or str(True) would silently never match."""
+    if type(v) is int and (v >= 0 or what == "user id"):
+        return None
+    if what == "user id" and type(v) is str and v:
+        return None
+    if what == "creative id" and type(v) is str and v.strip().isascii() and v.strip().isdigit():
+        return None
+    kind = "a string or an int" if what == "user id" else "a non-negative int or a digit string"
+    return f"is {show_json(v)}, expected a {what} ({kind})"
+
+
 def read_ground_truth(path):
-    """jsonl {"user_id": ..., "creative_id": ...} -> {raw user id str: creative id}."""
+    """jsonl {"user_id": ..., "creative_id": ...} -> {raw user id str: creative id}.
+
+    Every line must name a user (a string or an int) and a creative id (an int or a digit
+    string); a file without any line is refused (a score over no users would read as 0)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, expected the ground_truth.jsonl file")
     gt = {}
-    for n, rec in iter_jsonl(path):
+    for n, rec in iter_jsonl(path, unique_keys=True):
         if not isinstance(rec, dict) or "user_id" not in rec or "creative_id" not in rec:
             raise DataError(f"{path}:{n}: expected an object with user_id and creative_id")
+        for key, what in (("user_id", "user id"), ("creative_id", "creative id")):
+            msg = _id_problem(rec[key], what)
+            if msg is not None:
+                raise DataError(f"{path}:{n}: {key} {msg}")
         u = str(rec["user_id"])
         if u in gt:
             raise DataError(f"{path}:{n}: user {u} appears twice; one target per user")
         gt[u] = _cid(rec["creative_id"])
+    if not gt:
+        raise DataError(f"{path}: no lines, expected one {{\"user_id\", \"creative_id\"}} object per line")
     return gt
 
 
 def read_result(path):
-    """result.json {"time": s, "top10s": [[...]], "user": [...]} -> (top10s, users, time)."""
+    """result.json {"time": s, "top10s": [[...]], "user": [...]} -> (top10s, users, time).
+
+    Users must be strings or ints, creative ids ints or digit strings: a float, a boolean, null
+    or a nested list would never match the ground truth and score a silent 0, so it is refused
+    with its index."""
     path = os.fspath(path)
-    res = read_json(path)
+    res = read_json(path, unique_keys=True)
     if not isinstance(res, dict) or "top10s" not in res or "user" not in res:
         raise DataError(f"{path}: expected an object with keys top10s and user")
     tops, users = res["top10s"], res["user"]
@@ -111,10 +141,34 @@ def read_result(path):
         raise DataError(f"{path}: top10s and user must be lists")
     if len(tops) != len(users):
         raise DataError(f"{path}: {len(tops)} top lists but {len(users)} users")
+    for i, u in enumerate(users):
+        msg = _id_problem(u, "user id")
+        if msg is not None:
+            raise DataError(f"{path}: user[{i}] {msg}")
     for i, t in enumerate(tops):
         if not isinstance(t, list):
             raise DataError(f"{path}: top10s[{i}] is {type(t).__name__}, expected a list")
+        for j, c in enumerate(t):
+            msg = _id_problem(c, "creative id")
+            if msg is not None:
+                raise DataError(f"{path}: top10s[{i}][{j}] {msg}")
     return tops, [str(u) for u in users], res.get("time")
+
+
+def coverage(users, gt, result_path, gt_path):
+    """Refuse a result that answers none of the ground-truth users; warn (stderr) when it
+    answers only some (the others count as misses), repeats users or holds only empty lists."""
+    answered = set(users)
+    hit = sum(u in answered for u in gt)
+    if hit == 0:
+        raise DataError(f"{result_path}: none of its {len(answered)} users is among the {len(gt)} users of "
+                        f"{gt_path}; expected the same users (raw ids, as in predict_seq.jsonl)")
+    if hit < len(gt):
+        print(f"warning: {result_path}: answers {hit} of the {len(gt)} users of {gt_path}; the other "
+              f"{len(gt) - hit} count as misses", file=sys.stderr)
+    if len(answered) < len(users):
+        print(f"warning: {result_path}: {len(users) - len(answered)} repeated users; each one's first "
+              f"top list is scored", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +191,12 @@ def predict_pool(eval_dir):
     """Candidate creative ids of eval_dir/predict_set.jsonl, in file order."""
     path = os.path.join(eval_dir, "predict_set.jsonl")
     pool = []
-    for n, rec in iter_jsonl(path):
+    for n, rec in iter_jsonl(path, unique_keys=True):
         if not isinstance(rec, dict) or "creative_id" not in rec:
             raise DataError(f"{path}:{n}: expected an object with creative_id")
+        msg = _id_problem(rec["creative_id"], "creative id")
+        if msg is not None:
+            raise DataError(f"{path}:{n}: creative_id {msg}")
         pool.append(_cid(rec["creative_id"]))
     return pool
 
@@ -203,7 +260,7 @@ def random_expectation(gt, pool, k=10):
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--result", required=True, help="result.json with top10s and user lists")
     ap.add_argument("--ground_truth", required=True,
                     help="jsonl of {user_id, creative_id}: one target per user")
@@ -223,14 +280,26 @@ def main(argv=None):
             raise DataError("--train_dir and --eval_dir go together")
         gt = read_ground_truth(args.ground_truth)
         tops, users, _ = read_result(args.result)
+        coverage(users, gt, args.result, args.ground_truth)
+        empty = sum(not t for t in tops)
+        if empty:
+            print(f"warning: {args.result}: {empty} of {len(tops)} top lists are empty", file=sys.stderr)
         rows = [("model", hr_ndcg(tops, users, gt, args.k))]
         if args.train_dir:
             p_tops, p_users = most_popular_topk(args.train_dir, args.eval_dir, args.k)
+            hit = len(set(p_users) & set(gt))
+            if hit < len(gt):
+                print(f"warning: {os.path.join(args.eval_dir, 'predict_seq.jsonl')}: {hit} of the {len(gt)} users of "
+                      f"{args.ground_truth} are among its users; the baselines count the other {len(gt) - hit} "
+                      f"as misses", file=sys.stderr)
             rows.append(("most-popular", hr_ndcg(p_tops, p_users, gt, args.k)))
             rows.append(("random (expected)",
                          random_expectation(gt, predict_pool(args.eval_dir), args.k)))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error(e)}", file=sys.stderr)
         return 2
     hk, nk = f"HR@{args.k}", f"NDCG@{args.k}"
     print(f"{'':18s} {hk:>9s} {nk:>9s} {'Score':>9s} {'users':>8s}")

@@ -9,6 +9,7 @@ no training flag is repeated. Unlike the official baseline, the user's newest ev
 its context.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -21,12 +22,80 @@ import checkpoint as C
 import dataset as D
 import dataset_packed as P
 import retrieval_torch as R
-from layout import DataError, dump_json, load_pickle, read_item_feat_dict, run_cli
+from layout import (ArgumentParser, DataError, check_writable, dump_json, load_pickle, os_error, read_item_feat_dict,
+                    run_cli)
+
+# Seconds a DataLoader worker may take to deliver one batch of user sequences before the run
+# stops (a hung worker would otherwise wait forever); far above a real batch's time.
+WORKER_TIMEOUT_S = 600
+
+
+class DivergedError(DataError):
+    """The model gives NaN or inf vectors: its weights diverged in training. `what` names the
+    vectors ("user queries", "candidate vectors")."""
+
+    def __init__(self, what: str, where: str = None):
+        self.what = what
+        super().__init__(f"{where + ': ' if where else ''}the model's {what} hold NaN or inf: its training "
+                         f"diverged; train it again with a lower --lr or with --clip_norm set (main.py)")
+
+
+def check_finite(**vectors) -> None:
+    """DivergedError unless every named array is finite (one float64 sum each: no copy)."""
+    for what, v in vectors.items():
+        if v.size and not np.isfinite(np.sum(v, dtype=np.float64)):
+            raise DivergedError(what.replace("_", " "))
+
+
+class OutputSet:
+    """Output files published together: each is written under a temporary name in `folder`, and
+    publish() renames them all at the end. A failed write (a full disk) leaves the folder's earlier
+    outputs as they were; discard() removes what was staged. Errors name the final file."""
+
+    def __init__(self, folder: str):
+        self.folder, self.staged = folder, []       # [(temporary path, final path)]
+
+    def write(self, name: str, fn) -> None:
+        """fn(path) writes the file `name` at the temporary path it is given."""
+        final = os.path.join(self.folder, name)
+        tmp = os.path.join(self.folder, f".{name}.{os.getpid()}.staged.tmp")
+        self.staged.append((tmp, final))
+        try:
+            fn(tmp)
+        except OSError as e:
+            if e.filename not in (None, tmp):
+                raise
+            raise OSError(e.errno, e.strerror or str(e), final) from None
+
+    def discard(self) -> None:
+        for tmp, _ in self.staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.staged = []
+
+    def publish(self) -> None:
+        """Rename every staged file over its final name. Should a rename fail midway, the set's
+        files (new and earlier ones alike) are removed, so no mix of two runs remains, and the
+        error says so."""
+        done = []
+        try:
+            for tmp, final in self.staged:
+                os.replace(tmp, final)
+                done.append(final)
+        except OSError as e:
+            for _, f in self.staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
+            self.discard()
+            why = os_error(OSError(e.errno, e.strerror or str(e), final))
+            raise DataError(f"{why}; removed the outputs of this run ({len(done)} already renamed) and the earlier "
+                            f"ones, so {self.folder} holds no mix of two runs: run again") from None
+        self.staged = []
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retrieval_backend", choices=["torch", "faiss", "faiss_ivf", "faiss_hnsw"], default="torch",
                    help="top-k backend; faiss falls back to torch with a notice when not installed")
     p.add_argument("--top_k", type=int, default=10, help="items retrieved per user")
@@ -45,6 +114,54 @@ def get_args(argv=None):
     """Inference options; `infer()` reads them from sys.argv too (harness-style calls pass none)."""
     args, _ = parser().parse_known_args(argv)
     return args
+
+
+def check_args(args) -> None:
+    """Flag ranges, the device and FORCE_USE_TIMEFEAT, before any work (DataError naming the flag)."""
+    for flag, lo, hi in (("top_k", 1, None), ("batch_size", 1, 1_000_000), ("cand_batch_size", 1, 10_000_000),
+                         ("num_workers", 0, 1024)):     # caps far above real use: a typo is no traceback
+        v = getattr(args, flag)
+        if v < lo:
+            raise DataError(f"--{flag} {v}: expected an integer >= {lo}")
+        if hi is not None and v > hi:
+            raise DataError(f"--{flag} {v}: expected an integer <= {hi}")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"--device {args.device}: expected a device this machine has: CUDA is not available here")
+    force = os.environ.get("FORCE_USE_TIMEFEAT")
+    if force is not None and force.strip() not in ("0", "1"):
+        raise DataError(f"FORCE_USE_TIMEFEAT={force!r}: expected 0 or 1 (or unset: as the checkpoint was trained)")
+
+
+def check_paths(eval_dir: str, result_dir: str) -> None:
+    """The input folder exists and the result folder can be written, before any work."""
+    if not os.path.isdir(eval_dir):
+        what = "not a folder" if os.path.exists(eval_dir) else "folder not found"
+        raise DataError(f"{eval_dir}: {what} (EVAL_DATA_PATH), expected predict_seq.jsonl and predict_set.jsonl")
+    check_writable(result_dir, "EVAL_RESULT_PATH")
+
+
+def report_repeats(users: list, eval_dir: str) -> None:
+    """A notice on stderr when a user is on several lines of predict_seq.jsonl (each line is
+    answered, in order; result.json then repeats the user)."""
+    first, extra, example = {}, 0, None
+    for i, u in enumerate(users, 1):
+        if u in first:
+            extra += 1
+            example = example or (u, first[u], i)
+        else:
+            first[u] = i
+    if extra:
+        u, a, b = example
+        print(f"notice: {os.path.join(eval_dir, 'predict_seq.jsonl')}: {extra} lines repeat a user already "
+              f"listed ({len(first)} distinct users in {len(users)} lines; first: user {u} on lines {a} and {b}); "
+              f"each line is answered in order", file=sys.stderr, flush=True)
 
 
 def load_model(ckpt: str, device: torch.device, verbose: bool = False, info: dict = None) -> tuple:
@@ -104,15 +221,27 @@ def embed_rows(model, table: D.ItemTable, rows: np.ndarray, device, chunk: int =
     return out
 
 
+def _no_hang(loader, num_workers: int):
+    """Iterate a DataLoader; its timeout (a worker that sent no batch in time) as one line."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader timed out" not in str(e):
+            raise
+        raise DataError(f"--num_workers {num_workers}: no batch from the DataLoader workers in {loader.timeout:g} s "
+                        f"(a worker hung or is starved); run again, or with --num_workers 0") from None
+
+
 @torch.no_grad()
 def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, num_workers: int = 0,
                 keep=("_user", "_history", "_target")) -> tuple:
     """Queries [U, d] of a dataset of user samples (newest position, asking for a click), and the
     per-sample extras named in `keep`, each a list in dataset order (the rest are dropped)."""
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=P.PackedCollate(table))
+                                         collate_fn=P.PackedCollate(table),
+                                         timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
     queries, n, extras = np.empty((len(ds), model.cfg.hidden_units), np.float32), 0, {}
-    for b in loader:
+    for b in _no_hang(loader, num_workers):
         for k in [k for k in b if k.startswith("_")]:
             v = b.pop(k)
             if k in keep:
@@ -136,11 +265,13 @@ def export(model, table: D.ItemTable, builder: D.SequenceBuilder, indexer: dict,
     rows = table.extend(cids.tolist(), feats)
     del feats
     cand = embed_rows(model, table, rows, device, args.cand_batch_size)
+    check_finite(candidate_vectors=cand)
     t1 = time.time()
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
     queries, extras = embed_users(model, ds, table, device, args.batch_size, args.num_workers,
                                   ("_user", "_history") if history else ("_user",))
+    check_finite(user_queries=queries)
     users = extras["_user"]
     hist = [np.unique(x).astype(np.int32) for x in extras["_history"]] if history else None
     if verbose:
@@ -156,7 +287,24 @@ def history_exclude(hist: list, cand_rows: np.ndarray) -> list:
     return [np.array(sorted({pos[r] for r in h.tolist() if r in pos}), np.int64) for h in hist]
 
 
-def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_dir: str = None) -> tuple:
+def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_dir: str = None,
+        outputs: OutputSet = None) -> tuple:
+    """-> (top-k creative ids per user, users). The output files are staged in `outputs` (an
+    OutputSet of result_dir) for the caller to publish with its own files (result.json); without
+    one they are published here, all together, once everything succeeded."""
+    own = outputs is None
+    outputs = OutputSet(result_dir) if own else outputs
+    try:
+        out = _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs)
+        if own:
+            outputs.publish()
+        return out
+    finally:
+        if own:
+            outputs.discard()
+
+
+def _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs: OutputSet) -> tuple:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = {}
     model, data_cfg, path = load_model(ckpt, device, verbose=True, info=info)
@@ -166,14 +314,17 @@ def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_d
               if info.get("mask_history") is not None else "history masked: no (the checkpoint's validation did not say)",
               flush=True)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
-    users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args, verbose=True,
-                                                 history=mask)
+    try:
+        users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args,
+                                                     verbose=True, history=mask)
+    except DivergedError as e:
+        raise DivergedError(e.what, path) from None
     os.makedirs(result_dir, exist_ok=True)
-    R.write_fbin(os.path.join(result_dir, "query.fbin"), q)
-    R.write_fbin(os.path.join(result_dir, "embedding.fbin"), c)
-    R.write_u64bin(os.path.join(result_dir, "id.u64bin"), rids.astype(np.uint64))
-    dump_json({str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())},
-                os.path.join(result_dir, "retrive_id2creative_id.json"))
+    outputs.write("query.fbin", lambda p: R.write_fbin(p, q))
+    outputs.write("embedding.fbin", lambda p: R.write_fbin(p, c))
+    outputs.write("id.u64bin", lambda p: R.write_u64bin(p, rids.astype(np.uint64)))
+    outputs.write("retrive_id2creative_id.json", lambda p: dump_json(
+        {str(r): int(ci) for r, ci in zip(rids.tolist(), cids.tolist())}, p))
     exclude = history_exclude(hist, rows) if mask else None
     return top_k_ids(q, c, cids, args.top_k, exclude, backend=args.retrieval_backend, device=device), users
 
@@ -185,14 +336,20 @@ def top_k_ids(q: np.ndarray, c: np.ndarray, cids: np.ndarray, k: int, exclude, *
     return [[int(cids[j]) for j in row if j >= 0] for row in np.asarray(idx)]
 
 
-def infer() -> tuple:
-    """Harness entry point: environment-driven, returns (top10s, user_list)."""
+def infer(outputs: OutputSet = None) -> tuple:
+    """Harness entry point: environment-driven, returns (top10s, user_list). The files it writes
+    are published together when it returns (or, given `outputs`, staged there for the caller)."""
     args = get_args(sys.argv[1:])
-    return run(args, os.environ.get("EVAL_DATA_PATH", "data/demo/eval"),
-               os.environ.get("EVAL_RESULT_PATH", "runs/result"),
-               args.ckpt or os.environ.get("MODEL_OUTPUT_PATH", "runs/ckpt"),
-               os.environ.get("USER_CACHE_PATH", "runs/cache"),
-               os.environ.get("TRAIN_DATA_PATH", "data/demo/train"))
+    check_args(args)
+    eval_dir = os.environ.get("EVAL_DATA_PATH", "data/demo/eval")
+    result_dir = os.environ.get("EVAL_RESULT_PATH", "runs/result")
+    check_paths(eval_dir, result_dir)
+    top, users = run(args, eval_dir, result_dir,
+                     args.ckpt or os.environ.get("MODEL_OUTPUT_PATH", "runs/ckpt"),
+                     os.environ.get("USER_CACHE_PATH", "runs/cache"),
+                     os.environ.get("TRAIN_DATA_PATH", "data/demo/train"), outputs)
+    report_repeats(users, eval_dir)
+    return top, users
 
 
 MISS = np.iinfo(np.int64).max        # the rank of a target that cannot be retrieved
@@ -255,6 +412,7 @@ def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(1
     c = embed_rows(model, table, np.arange(1, num_items + 1), device)
     q, ex = embed_users(model, ds, table, device, keep=("_history", "_target"))
     model.train(was_training)
+    check_finite(candidate_vectors=c, user_queries=q)
     target = np.asarray(ex["_target"], np.int64) - 1                     # row r is candidate r - 1
     return _by_mask(q, c, target, [np.unique(h[h > 0]) - 1 for h in ex["_history"]], None, ks)
 
@@ -262,10 +420,15 @@ def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(1
 def main():
     args = get_args()
     t0 = time.time()
-    top10s, users = infer()
     result_dir = os.environ.get("EVAL_RESULT_PATH", "runs/result")
-    dump_json({"time": round(time.time() - t0, 3), "top10s": top10s, "user": users},
-                os.path.join(result_dir, "result.json"))
+    outputs = OutputSet(result_dir)         # result.json is published with the other outputs, or none is
+    try:
+        top10s, users = infer(outputs)
+        outputs.write("result.json", lambda p: dump_json(
+            {"time": round(time.time() - t0, 3), "top10s": top10s, "user": users}, p))
+        outputs.publish()
+    finally:
+        outputs.discard()
     print(f"{len(users)} users, top-{args.top_k} in {time.time() - t0:.1f}s -> {result_dir}/result.json")
 
 

@@ -30,7 +30,7 @@ import checkpoint as C
 import dataset as D
 import dataset_packed as P
 from dataset import DataConfig
-from layout import PAD, DataError, run_cli
+from layout import PAD, ArgumentParser, DataError, run_cli
 from model import GenerativeRecommender, ModelConfig
 from objectives import HardNegativeCache, ObjectiveConfig, Trainer
 
@@ -54,7 +54,7 @@ PRESETS = {"taac1m": dict(dqk=32, dv=64, num_blocks=10, num_heads=8, dropout_rat
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="taac1m: the seed solution's full-size flags (10 HSTU blocks, 8 heads, batch 64 x 4, lr 2e-3, "
                         "temperature 0.03, 8 epochs) as defaults, for TencentGR-1M-sized data; other flags still win")
@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     flag("--use_abs_pos", True, "learned absolute position embedding (from the window start)")
     flag("--use_senet", False, "squeeze-and-excitation gates over feature blocks (user and item sides)")
     flag("--use_user_id", True, "user-id embedding in the user token (off: the token carries user features only)")
-    g.add_argument("--item_tower", choices=["mlp", "add", "id"], default="mlp",
+    g.add_argument("--item_tower", choices=["mlp", "add", "id"], default="add",
                    help="item vectors: mlp = an MLP over the id row and every feature block; add = a plain id row "
                         "plus that MLP over the features; id = the plain id row only (SASRec)")
     g.add_argument("--score", choices=["cosine", "dot"], default="cosine",
@@ -157,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=128, help="users per micro-batch (per process)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases/embeddings)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup optimizer steps")
     g.add_argument("--lr_schedule", choices=["auto", "cosine", "constant", "plateau"], default="auto",
@@ -206,7 +206,16 @@ _INT_MIN = {"maxlen": 1, "hidden_units": 1, "num_blocks": 1, "num_heads": 1, "dq
             "hard_neg_k": 1, "hard_neg_pool": 1, "hard_neg_refresh": 1, "in_batch_max": 1, "max_nonfinite_steps": 1,
             "valid_users": 0, "num_workers": 0, "feat_dim": 0, "warmup_steps": 0, "max_steps": 0, "eval_every": 0,
             "patience": 0, "ckpt_every_steps": 0, "keep_last_ckpts": 0, "num_neg": -1, "num_epochs": 1,
-            "limit_users": 1}
+            "limit_users": 1, "seed": 0, "valid_seed": 0}
+# Upper bounds: far above any real run, low enough that a typo (an extra zero, 2**63) is a one-line
+# error naming the flag instead of an allocation failure or an overflow deep in torch or numpy.
+# Every other int flag (step and epoch counts, --patience, ...) stops at _INT_CAP.
+_INT_CAP = 10**12
+_INT_MAX = {"maxlen": 1_000_000, "hidden_units": 65536, "feat_dim": 65536, "dqk": 65536, "dv": 65536,
+            "num_blocks": 1000, "num_heads": 4096, "rel_pos_buckets": 1_000_000, "rel_time_buckets": 1_000_000,
+            "batch_size": 1_000_000, "num_neg": 1_000_000, "in_batch_max": 1_000_000, "hard_neg_k": 100_000,
+            "hard_neg_pool": 100_000_000, "num_workers": 1024, "gradient_accumulation_steps": 1_000_000,
+            "seed": 2**32 - 1 - 65536, "valid_seed": 2**32 - 1}      # numpy seeds are below 2^32 (seed + rank)
 _FLOAT_RANGE = {"lr": (0, None, False), "temperature": (0, None, False), "tau_click": (0, None, False),
                 "tau_expo": (0, None, False), "emb_init_std": (0, None, False), "click_weight": (0, None, False),
                 "weight_decay": (0, None, True), "clip_norm": (0, None, True), "focal_gamma": (0, None, True),
@@ -222,6 +231,10 @@ def check_args(args) -> None:
         v = getattr(args, k)
         if v is not None and v < lo:
             bad(k, v, f"an integer >= {lo}")
+    for k, a in vars(args).items():
+        hi = _INT_MAX.get(k, _INT_CAP)
+        if type(a) is int and a > hi:
+            bad(k, a, f"an integer <= {hi}")
     for k, (lo, hi, closed) in _FLOAT_RANGE.items():
         v = getattr(args, k)
         if not (math.isfinite(v) and (v >= lo if closed else v > lo) and (hi is None or v < hi)):
@@ -249,8 +262,10 @@ def check_paths(paths: dict, args) -> None:
     """The data folder readable and every output folder writable, before any work is done."""
     names = {"log": "TRAIN_LOG_PATH", "tb": "TRAIN_TF_EVENTS_PATH", "ckpt": "TRAIN_CKPT_PATH", "cache": "USER_CACHE_PATH"}
     if not os.path.isdir(paths["data"]):
-        raise DataError(f"{paths['data']}: folder not found (TRAIN_DATA_PATH), expected seq.jsonl, seq_offsets.pkl, "
-                        f"indexer.pkl and item_feat_dict.json")
+        what = ("folder not found (TRAIN_DATA_PATH), expected" if not os.path.exists(paths["data"]) else
+                f"{'a file' if os.path.isfile(paths['data']) else 'not a folder'}, expected a folder "
+                f"(TRAIN_DATA_PATH) holding")
+        raise DataError(f"{paths['data']}: {what} seq.jsonl, seq_offsets.pkl, indexer.pkl and item_feat_dict.json")
     for key, env in names.items():
         ensure_writable(paths[key], env)
     if args.valid_dir not in (None, "none") and not os.path.isfile(os.path.join(args.valid_dir, "ground_truth.jsonl")):
@@ -308,6 +323,41 @@ def resolve_mm(args, data_dir):
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. non-finite losses); printed as one line, exit code 3."""
+
+
+# what torch and Python say when an allocation fails (CPU allocator, CUDA, a DataLoader worker's)
+_OOM_SIGNS = ("not enough memory", "DefaultCPUAllocator", "out of memory", "can't allocate memory",
+              "Cannot allocate memory")
+
+
+def out_of_memory(e: BaseException, when: str, args):
+    """A TrainingError for an allocation failure `e` (MemoryError, or torch's RuntimeError) that
+    names the flags that size memory; None for any other error."""
+    text = str(e).strip()
+    if not (isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(s in text for s in _OOM_SIGNS)):
+        return None
+    lines = text.splitlines()
+    why = next((ln.strip() for ln in reversed(lines) if any(s in ln for s in _OOM_SIGNS)), lines[0] if lines else "")
+    why = why.split("DefaultCPUAllocator: ", 1)[-1][:200] or type(e).__name__
+    return TrainingError(f"out of memory {when} ({why}); lower --batch_size ({args.batch_size}), --maxlen "
+                         f"({args.maxlen}) or --hidden_units ({args.hidden_units})")
+
+
+def oom_guard(steps, args):
+    """train_steps, with an allocation failure inside a step as out_of_memory's one line."""
+    try:
+        yield from steps
+    except (MemoryError, RuntimeError) as e:
+        err = out_of_memory(e, "in a training step", args)
+        if err is None:
+            raise
+        raise err from None
+
+
+def diverged_hint(args) -> str:
+    """What to change when the run diverged (NaN or inf losses or vectors)."""
+    clip = "set --clip_norm (e.g. 1.0; now off)" if not args.clip_norm else f"--clip_norm (now {args.clip_norm:g})"
+    return f"lower --lr (now {args.lr:g}) or {clip}"
 
 
 class StopFlag:
@@ -558,8 +608,9 @@ def train_steps(s: Setup, st: dict, log: RunLog, hardneg, t0: float):
                 st["nonfinite"] += 1
                 window_ok = True
                 if st["nonfinite"] >= a.max_nonfinite_steps:
-                    raise TrainingError(f"stopped at step {st['step'] + 1}: {st['nonfinite']} optimizer steps in a "
-                                        f"row had a non-finite loss (lower --lr, check the data)")
+                    raise TrainingError(f"the run diverged: stopped at step {st['step'] + 1}, {st['nonfinite']} "
+                                        f"optimizer steps in a row had a NaN or inf loss; {diverged_hint(a)}, "
+                                        f"or check the data")
                 continue
             st["nonfinite"] = 0
             gnorm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), a.clip_norm) if a.clip_norm > 0 else torch.tensor(0.0)
@@ -606,11 +657,21 @@ def validate(s: Setup, st: dict, log: RunLog) -> tuple:
     """Full-ranking metrics on the validation folder or the held-out users, scored with and without
     each user's history masked: the better one counts, and is what infer.py --mask_history auto
     applies. Updates the best step and the patience count; returns (metrics, history masked)."""
-    from infer import evaluate_folder, holdout_metrics
-    if s.holdout is not None:
-        both = holdout_metrics(s.model, s.table, s.holdout, s.data_cfg.num_items, s.device)
-    else:
-        both = evaluate_folder(s.model, s.data_cfg, s.table, s.valid_dir, s.paths["data"], s.device, mask_history=None)
+    from infer import DivergedError, evaluate_folder, holdout_metrics
+    try:
+        if s.holdout is not None:
+            both = holdout_metrics(s.model, s.table, s.holdout, s.data_cfg.num_items, s.device)
+        else:
+            both = evaluate_folder(s.model, s.data_cfg, s.table, s.valid_dir, s.paths["data"], s.device,
+                                   mask_history=None)
+    except DivergedError as e:
+        raise TrainingError(f"the run diverged: at step {st['step']} the model's {e.what} hold NaN or inf "
+                            f"(validation); {diverged_hint(s.args)}") from None
+    except (MemoryError, RuntimeError) as e:
+        err = out_of_memory(e, "in validation", s.args)
+        if err is None:
+            raise
+        raise err from None
     mask = both["masked"]["NDCG@10"] > both["plain"]["NDCG@10"]
     m = both["masked" if mask else "plain"]
     log.record({"step": st["step"], "epoch": st["epoch"] + (st["micro"] > 0), "mask_history": mask,
@@ -652,7 +713,13 @@ def main(argv=None):
     rank, world, device = setup_process(args)
     master = rank == 0
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    s = build_training(args, paths, device, rank, world, say)
+    try:
+        s = build_training(args, paths, device, rank, world, say)
+    except (MemoryError, RuntimeError) as e:
+        err = out_of_memory(e, "building the data and model", args)
+        if err is None:
+            raise
+        raise err from None
 
     st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "nonfinite": 0, "lr_scale": 1.0,
           "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"}
@@ -698,7 +765,7 @@ def main(argv=None):
                       args.keep_last_ckpts, world)
 
     last_ckpt, t0, early, final = None, time.time(), False, False
-    for epoch_end in train_steps(s, st, log, hardneg, t0):
+    for epoch_end in oom_guard(train_steps(s, st, log, hardneg, t0), args):
         final = bool(args.max_steps and st["step"] >= args.max_steps)
         in_epoch = st["step"] - (st["epoch"] - epoch_end) * s.steps_per_epoch
         extra = {}

@@ -624,7 +624,7 @@ def sanity_check(W, cases, pool, train_clicks, train_expo):
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = layout.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--out", required=True, help="output folder; gets train/, eval/ and demo_meta.json")
     add("--users", type=int, default=3000, help="users in the training data")
@@ -664,25 +664,46 @@ def main(argv=None):
     try:
         return _run(args)
     except DataError as e:
-        print(f"make_demo_data.py: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:      # a full disk, an unwritable --out: one line, no traceback
+        print(f"error: {layout.os_error(e)}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        why = f" ({e})" if str(e) else ""
+        print(f"error: out of memory{why}; lower --users, --items, --cands or --max_events", file=sys.stderr)
         return 2
 
 
 def _check_args(a):
-    if a.users < 1 or a.clusters < 1 or not a.clusters <= a.items < 10**7:
-        raise DataError(f"need --users >= 1 and 1 <= --clusters <= --items < 10^7 (got "
-                        f"{a.users}, {a.clusters}, {a.items})")
-    if not 1 <= a.min_events <= a.max_events or a.cands < 5 or a.eval_users < 0 or a.workers < 1 \
-            or a.sanity_users < 0:
-        raise DataError("need 1 <= --min_events <= --max_events, --cands >= 5, "
-                        "--eval_users >= 0, --workers >= 1, --sanity_users >= 0")
-    if not 0 < a.cutoff < 1 or a.days <= 0 or not 0 <= a.cold_user_frac < 1 or a.mm_dim < 1:
-        raise DataError("need 0 < --cutoff < 1, --days > 0, 0 <= --cold_user_frac < 1, "
-                        "--mm_dim >= 1")
+    """Every flag in range before any work; DataError naming the first flag that is not."""
+    def bad(flag, expected):
+        raise DataError(f"--{flag} {getattr(a, flag)}: expected {expected}")
+    for flag, lo in (("users", 1), ("clusters", 1), ("eval_users", 0), ("seed", 0), ("min_events", 1),
+                     ("cands", 5), ("mm_dim", 1), ("latent_dim", 1), ("pool", 0), ("workers", 1),
+                     ("sanity_users", 0)):
+        if getattr(a, flag) < lo:
+            bad(flag, f"an integer >= {lo}")
+    for flag, hi in (("mm_dim", 8192), ("latent_dim", 1024), ("cands", 10000)):   # memory grows with each
+        if getattr(a, flag) > hi:
+            bad(flag, f"an integer <= {hi}")
+    if not a.clusters <= a.items < 10**7:
+        bad("items", f"an integer from --clusters ({a.clusters}) to 10^7 - 1")
+    if a.max_events < a.min_events:
+        bad("max_events", f"an integer >= --min_events ({a.min_events})")
+    if not (math.isfinite(a.mean_events) and a.mean_events > 0):
+        bad("mean_events", "a number > 0")
+    if not (math.isfinite(a.days) and 0 < a.days <= 36500):
+        bad("days", "a number > 0 and <= 36500 (a century of timestamps)")
+    if not 0 < a.cutoff < 1:
+        bad("cutoff", "a number > 0 and < 1")
+    if not 0 <= a.cold_user_frac < 1:
+        bad("cold_user_frac", "a number >= 0 and < 1")
 
 
 def _run(args):
     _check_args(args)
+    layout.check_writable(args.out, "--out")
     meta_path = os.path.join(args.out, "demo_meta.json")
     key = {k: v for k, v in vars(args).items() if k not in ("out", "force", "workers")}
     with open(os.path.abspath(__file__), "rb") as f:   # a changed generator makes new data

@@ -27,7 +27,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from layout import DataError, dump_json, file_fingerprint, json_type, read_json, record_problem, same_source
+from layout import (ArgumentParser, DataError, check_writable, dump_json, file_fingerprint, json_type, read_json,
+                    record_problem, run_cli, same_source)
 
 # The moments fit uses entities with at least MIN_EVENTS events (rates of 1-4 events are mostly
 # binomial noise and would inflate the variance); if fewer than MIN_ENTITIES qualify, all
@@ -80,6 +81,8 @@ def count_events(seq_path, skip_bad=False):
     with skip_bad the line, or only the bad record inside a valid array, is skipped and counted.
     """
     path = os.fspath(seq_path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, expected the training seq.jsonl file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found, expected the training seq.jsonl")
     users, items = _Counts(), _Counts()
@@ -269,7 +272,10 @@ def _k_clip(text):
 
 
 def _quantile(text):
-    q = float(text)
+    try:
+        q = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--head_quantile {text!r}: expected a number in [0, 1]") from None
     if not 0.0 <= q <= 1.0:
         raise argparse.ArgumentTypeError(f"--head_quantile {text!r}: expected a number in [0, 1]")
     return q
@@ -277,7 +283,7 @@ def _quantile(text):
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq_path", required=True, help="training seq.jsonl (read only)")
     p.add_argument("--output_dir", required=True,
                    help="folder for user_ctr.json, item_ctr.json, ctr_meta.json (and item_pop.json)")
@@ -335,8 +341,30 @@ def up_to_date(args) -> bool:
             and same_source(pop_meta.get("seq_fingerprint"), args.seq_path))
 
 
+def degenerate(counts, seq_path) -> list:
+    """Warnings for priors fitted on nothing to learn from: no item event at all, or no click
+    (every event an exposure or a null action): every user and item then gets the same value."""
+    events, clicks = int(counts["item_events"].sum()), int(counts["item_clicks"].sum())
+    skipped = (f" ({counts['bad_lines']} bad lines and {counts['bad_records']} bad records skipped)"
+               if counts["bad_lines"] or counts["bad_records"] else "")
+    if events == 0:
+        return [f"{seq_path}: no item events{skipped}; the CTR priors are the --prior as given and every "
+                f"user and item gets the same value"]
+    if clicks == 0:
+        return [f"{seq_path}: none of its {events} item events is a click (all exposures or null actions)"
+                f"{skipped}; every CTR is 0 before smoothing and the features carry no signal"]
+    return []
+
+
 def run(args):
     counts = count_events(args.seq_path, skip_bad=args.skip_bad_records)
+    if args.prior == "auto" and not counts["item_events"].sum():
+        skipped = counts["bad_lines"] + counts["bad_records"]
+        raise DataError(f"{args.seq_path}: no item events to fit a CTR prior on"
+                        + (f" ({skipped} bad lines or records skipped)" if skipped else "")
+                        + ", expected at least one item record (or use --prior A,B)")
+    for w in degenerate(counts, args.seq_path):
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     meta = {"k_clip": list(args.k_clip), "seq_path": os.path.abspath(args.seq_path),
             "prior": "auto" if args.prior == "auto" else list(args.prior),
             "seq_fingerprint": file_fingerprint(args.seq_path), "options": _options(args)}
@@ -387,19 +415,24 @@ def _summary(meta, pop, counts, paths):
 
 
 def main(argv=None):
+    """The command line. Bad input raises DataError; as a script (layout.run_cli) it is one
+    "error: ..." line on stderr and exit 2, as is an unreadable input or unwritable output."""
     args = get_args(argv)
-    try:
-        if args.reuse and up_to_date(args):
-            print(f"{args.output_dir}: up to date with {args.seq_path}; nothing to do")
-            return
-        _summary(*run(args))
-    except DataError as e:
-        print(e, file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # unreadable input, unwritable output folder
-        print(f"{e.filename}: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+    if args.reuse and up_to_date(args):
+        print(f"{args.output_dir}: up to date with {args.seq_path}; nothing to do")
+        return
+    if not os.path.exists(args.seq_path) or os.path.isdir(args.seq_path):
+        count_events(args.seq_path)           # the one message for a missing input
+    check_writable(args.output_dir, "--output_dir", create=False)
+    if args.item_pop_path:
+        check_writable(os.path.dirname(os.path.abspath(args.item_pop_path)), "--item_pop_path", create=False)
+    for path in [os.path.join(args.output_dir, f) for f in (*TABLE_FILES.values(), META_FILE)] + [
+            args.item_pop_path or os.path.join(args.output_dir, ITEM_POP_FILE)]:
+        if os.path.isdir(path):
+            raise DataError(f"{path}: a folder, expected the output file's path (or nothing there)")
+        _check_not_input(path, args.seq_path)
+    _summary(*run(args))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,6 +13,8 @@ chunks. On CUDA, search() scans in half precision for a shortlist and re-ranks i
         --k 10 --out id10.u64bin [--backend torch|faiss|faiss_ivf|faiss_hnsw]
 """
 import argparse
+import importlib
+import errno
 import math
 import os
 import sys
@@ -21,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from layout import DataError, atomic_write
+from layout import ArgumentParser, DataError, atomic_write, os_error
 
 # 2048 x 512 fp32 scores (4 MiB per worker) kept the GEMM near peak and the filter pass cheap on
 # the 2-core EPYC this was tuned on (bench/bench_retrieval.py); a GPU wants far bigger blocks.
@@ -36,6 +38,8 @@ SHORTLIST = 4096  # half-precision candidates per query before the exact fp32 re
 
 def _read_header(path, itemsize, kind):
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, expected a {kind} file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     size = os.path.getsize(path)
@@ -55,9 +59,14 @@ def _read_header(path, itemsize, kind):
 
 
 def _write_bin(path, arr, header):
+    # f.write, not arr.tofile(f): tofile's C stdio buffer can fail at its flush without an error
+    # (a full disk then left a short file that the rename published as complete)
     with atomic_write(path, "wb") as f:
         f.write(np.asarray(header, dtype="<u4").tobytes())
-        arr.tofile(f)
+        f.write(arr.reshape(-1).view(np.uint8).data)
+        want = 8 + arr.nbytes
+        if f.tell() != want:
+            raise OSError(errno.EIO, f"wrote {f.tell()} of {want} bytes", os.fspath(path))
 
 
 def write_fbin(path, arr):
@@ -509,7 +518,7 @@ def search(query, base, k, *, backend="torch", exclude=None, device=None, seed=0
         dev = torch.device("cpu")
     if backend != "torch":
         try:
-            import faiss  # noqa: F401
+            importlib.import_module("faiss")
         except ImportError:
             _notice(f"faiss is not installed; backend {backend} falls back to the exact torch "
                     f"search")
@@ -528,7 +537,7 @@ def search(query, base, k, *, backend="torch", exclude=None, device=None, seed=0
 
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--query", required=True, help="query vectors, .fbin [Q, D]")
     ap.add_argument("--base", required=True, help="base (item) vectors, .fbin [N, D]")
     ap.add_argument("--ids", required=True, help="retrieval ids of the base rows, .u64bin [N, 1]")
@@ -543,36 +552,71 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args) -> None:
+    """Flag ranges and the device, before any file is read (DataError naming the flag)."""
+    for flag, lo in (("k", 1), ("threads", 0), ("nprobe", 1), ("ef_search", 1), ("seed", 0)):
+        v = getattr(args, flag)
+        if v < lo:
+            raise DataError(f"--{flag} {v}: expected an integer >= {lo}")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)")
+    outs = os.path.realpath(args.out)
+    for flag in ("query", "base", "ids"):
+        if os.path.realpath(getattr(args, flag)) == outs:
+            raise DataError(f"{args.out}: --out would overwrite the input --{flag} {getattr(args, flag)}")
+    if os.path.isdir(args.out):
+        raise DataError(f"{args.out}: a folder (--out), expected the path of the .u64bin file to write")
+
+
 def main(argv=None):
+    """The command line; bad flags and files are one "error: ..." line and exit 2."""
     args = parser().parse_args(argv)
     try:
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        outs = os.path.realpath(args.out)
-        for p in (args.query, args.base, args.ids):
-            if os.path.realpath(p) == outs:
-                raise DataError(f"{args.out}: --out would overwrite the input {p}")
-        query = read_fbin(args.query, mmap=True)
-        base = read_fbin(args.base, mmap=True)
-        ids = read_u64bin(args.ids)
-        if ids.shape != (base.shape[0], 1):
-            raise DataError(f"{args.ids}: expected [{base.shape[0]}, 1] ids (one per row of "
-                            f"{args.base}), got {list(ids.shape)}")
-        if query.shape[1] != base.shape[1] and query.shape[0] and base.shape[0]:
-            raise DataError(f"{args.query}: dim {query.shape[1]} != dim {base.shape[1]} of "
-                            f"{args.base}")
-        if args.k < 1:
-            raise DataError(f"--k must be >= 1, got {args.k}")
-        if base.shape[0] == 0:
-            raise DataError(f"{args.base}: no base vectors to search")
-        _, idx = search(query, base, args.k, backend=args.backend, device=args.device,
-                        seed=args.seed, nprobe=args.nprobe, ef_search=args.ef_search)
-        if bool((idx < 0).any()):
-            raise DataError("some queries found fewer than --k neighbours")
-        write_u64bin(args.out, ids[:, 0][idx.numpy()])
+        return _main(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _main(args):
+    check_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    query = read_fbin(args.query, mmap=True)
+    base = read_fbin(args.base, mmap=True)
+    ids = read_u64bin(args.ids)
+    if ids.shape != (base.shape[0], 1):
+        raise DataError(f"{args.ids}: expected [{base.shape[0]}, 1] ids (one per row of "
+                        f"{args.base}), got {list(ids.shape)}")
+    if query.shape[1] != base.shape[1] and query.shape[0] and base.shape[0]:
+        raise DataError(f"{args.query}: dim {query.shape[1]} != dim {base.shape[1]} of "
+                        f"{args.base}")
+    if base.shape[0] == 0:
+        raise DataError(f"{args.base}: no base vectors to search")
+    try:
+        _, idx = search(query, base, args.k, backend=args.backend, device=args.device,
+                        seed=args.seed, nprobe=args.nprobe, ef_search=args.ef_search)
+    except DataError as e:   # "query: ..." / "base: ...": name the file
+        msg = str(e)
+        for name, path in (("query", args.query), ("base", args.base)):
+            if msg.startswith(name + ":"):
+                msg = path + msg[len(name):]
+        raise DataError(msg) from None
+    if bool((idx < 0).any()):
+        raise DataError("some queries found fewer than --k neighbours")
+    if idx.shape[1] < args.k:
+        print(f"warning: --k {args.k} but {args.base} holds only {base.shape[0]} vectors: "
+              f"{idx.shape[1]} ids per query", file=sys.stderr)
+    if query.shape[0] == 0:
+        print(f"warning: {args.query}: no query vectors; {args.out} holds no rows", file=sys.stderr)
+    write_u64bin(args.out, ids[:, 0][idx.numpy()])
     print(f"wrote {args.out}: {idx.shape[0]} queries x {idx.shape[1]} ids ({args.backend})")
     return 0
 

@@ -170,7 +170,7 @@ def test_skip_bad_records_counts_and_logs_skipped_lines(demo):
     (bad / "seq_offsets.pkl").write_bytes(pickle.dumps(offsets))
     e = dict(env, TRAIN_DATA_PATH=str(bad), TRAIN_CKPT_PATH=str(d / "skip_ck"), TRAIN_LOG_PATH=str(d / "skip_log"))
     strict = run([PY, "main.py", "--num_epochs", "1", *TINY], e, check=False)
-    assert strict.returncode == 2 and "Traceback" not in strict.stderr and f"seq.jsonl:3" in strict.stderr
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr and "seq.jsonl:3" in strict.stderr
     out = run([PY, "main.py", "--num_epochs", "2", "--skip_bad_records", *TINY], e)
     assert "skipped 1 bad line(s)" in out.stdout
     logged = (d / "skip_log/skipped_records.txt").read_text().splitlines()
