@@ -2,8 +2,8 @@
 the training setup of main.py rebuilt in-process, one optimizer step, timing and the
 BENCHMARKS.md appender.
 
-`build_training` is main.build_training itself (schema, item table, popularity, sampler and
-loader, model, Trainer, AdamW groups, schedule) without DDP, logging or checkpoints, so a
+`build_training` is training.build_training itself (schema, item table, popularity, sampler
+and loader, model, Trainer, AdamW groups, schedule) without DDP, logging or checkpoints, so a
 benchmark times exactly what main.py trains.
 """
 import datetime
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import dataset_packed as P  # noqa: E402
 import layout as L  # noqa: E402
 import main as M  # noqa: E402
+import training as TR  # noqa: E402
 
 # run.sh's recommended feature set (the rest are main.py defaults)
 RECOMMENDED = ["--use_ctr", "--use_rel_bias", "--action_cond"]
@@ -73,18 +74,18 @@ def ensure_ctr(train_dir, cache_dir):
 
 
 def build_training(argv, data_dir, cache_dir, device="cpu", with_model=True):
-    """main.build_training for the flags `argv` on DATA_DIR with CACHE_DIR (no logging, no
+    """training.build_training for the flags `argv` on DATA_DIR with CACHE_DIR (no logging, no
     checkpoints, no DDP): exactly the run main.py would train, its RNGs seeded the same way."""
     args = M.get_args(list(argv))
     M.resolve_ctr_flags(args)
-    M.seed_everything(args.seed)
+    TR.seed_everything(args.seed)
     paths = {"data": data_dir, "cache": cache_dir}
-    return M.build_training(args, paths, torch.device(device), say=lambda *a: None, with_model=with_model)
+    return TR.build_training(args, paths, torch.device(device), say=lambda *a: None, with_model=with_model)
 
 
 def packed_loader(s, num_workers, batch_size=None):
-    """main.py's DataLoader (main.make_loader: EpochSampler, PackedCollate) in `num_workers` workers."""
-    return M.make_loader(s.ds, s.table, s.args, s.device, num_workers=num_workers, batch_size=batch_size)[1]
+    """main.py's DataLoader (training.make_loader: EpochSampler, PackedCollate) in `num_workers` workers."""
+    return TR.make_loader(s.ds, s.table, s.args, s.device, num_workers=num_workers, batch_size=batch_size)[1]
 
 
 def add_negatives(s, batch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
+import training
 import objectives
 
 
@@ -101,12 +101,12 @@ def test_weight_schemes_against_hand_values():
 
 
 def test_schedules():
-    f = main.lr_lambda(10, 110)
+    f = training.lr_lambda(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
-    assert main.id_dropout_at(0.6, 0, 0.0) == pytest.approx(0.6)
-    assert main.id_dropout_at(0.6, 0, 0.5) == pytest.approx(0.3)
-    assert main.id_dropout_at(0.6, 1, 0.0) == 0.0 and main.id_dropout_at(0.0, 0, 0.0) == 0.0
+    assert training.id_dropout_at(0.6, 0, 0.0) == pytest.approx(0.6)
+    assert training.id_dropout_at(0.6, 0, 0.5) == pytest.approx(0.3)
+    assert training.id_dropout_at(0.6, 1, 0.0) == 0.0 and training.id_dropout_at(0.0, 0, 0.0) == 0.0
 
 
 def naive_rank_loss(s_pos, s_pkg, grade, mode):
