@@ -58,7 +58,8 @@ from array import array
 import numpy as np
 from tqdm import tqdm
 
-from layout import MAX_ID, ArgumentParser, DataError, atomic_write, check_writable, dump_json, dump_pickle, os_error
+from layout import (MAX_ID, ArgumentParser, DataError, DuplicateKey, atomic_write, check_writable, dump_json, dump_pickle,
+                    os_error, unique_pairs)
 
 FID_AGE, FID_GENDER, FID_OCC, FID_ZIP, FID_YEAR, FID_TAGS = "103", "104", "105", "109", "112", "125"
 FEATURE_NAMES = {FID_AGE: "age_bucket", FID_GENDER: "gender", FID_OCC: "occupation",
@@ -357,16 +358,12 @@ def read_s3rec(path):
     if attr_path and os.path.isdir(attr_path):
         raise DataError(f"{attr_path}: a folder, expected the JSON file {{item id: [attribute ids]}}")
     if os.path.isfile(attr_path):
-        def no_repeats(pairs):
-            keys = [k for k, _ in pairs]
-            if len(set(keys)) < len(keys):
-                dup = next(k for k in keys if keys.count(k) > 1)
-                raise DataError(f"{attr_path}: key {json.dumps(dup)} appears twice in one object, expected "
-                                f"each item once")
-            return dict(pairs)
         try:
             with open(attr_path, encoding="utf-8") as f:
-                attrs = json.load(f, object_pairs_hook=no_repeats)
+                attrs = json.load(f, object_pairs_hook=unique_pairs)
+        except DuplicateKey as e:
+            raise DataError(f"{attr_path}: key {json.dumps(e.args[0])} appears twice in one object, expected "
+                            f"each item once") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{attr_path}:{e.lineno}: not valid JSON ({e.msg})") from None
         except UnicodeDecodeError as e:

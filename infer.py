@@ -126,14 +126,7 @@ def check_args(args) -> None:
         if hi is not None and v > hi:
             raise DataError(f"--{flag} {v}: expected an integer <= {hi}")
     if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DataError(f"--device {args.device}: expected a device this machine has: CUDA is not available here")
+        R.parse_device(args.device)
     force = os.environ.get("FORCE_USE_TIMEFEAT")
     if force is not None and force.strip() not in ("0", "1"):
         raise DataError(f"FORCE_USE_TIMEFEAT={force!r}: expected 0 or 1 (or unset: as the checkpoint was trained)")

@@ -281,16 +281,16 @@ def _check_offsets_cover(path, off, seq):
                                 f"last offset ends at byte {end} of {size}); expected one offset per line")
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
     pass
 
 
-def _unique_pairs(pairs):
+def unique_pairs(pairs):
     """json object_pairs_hook: a dict, refusing a key given twice (json keeps the last silently)."""
     d = dict(pairs)
     if len(d) < len(pairs):
         seen = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return d
 
 
@@ -301,8 +301,8 @@ def read_json(path, unique_keys=False):
         raise DataError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=_unique_pairs if unique_keys else None)
-    except _DuplicateKey as e:
+            return json.load(f, object_pairs_hook=unique_pairs if unique_keys else None)
+    except DuplicateKey as e:
         raise DataError(f"{path}: key {json.dumps(e.args[0])} appears twice in one object, expected each key "
                         f"once") from None
     except json.JSONDecodeError as e:
@@ -358,8 +358,8 @@ def iter_jsonl(path, unique_keys=False):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw, object_pairs_hook=_unique_pairs) if unique_keys else json.loads(raw)
-            except _DuplicateKey as e:
+                obj = json.loads(raw, object_pairs_hook=unique_pairs) if unique_keys else json.loads(raw)
+            except DuplicateKey as e:
                 raise DataError(f"{path}:{lineno}: key {json.dumps(e.args[0])} appears twice in one object, "
                                 f"expected each key once") from None
             except (ValueError, RecursionError) as e:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import checkpoint as C
 import dataset_packed as P
+import retrieval_torch as R
 from layout import PAD, ArgumentParser, DataError, run_cli
 from objectives import HardNegativeCache
 from training import Setup, build_training, id_dropout_at, seed_everything
@@ -244,14 +245,7 @@ def check_args(args) -> None:
     if args.mm_emb_id and args.mm_emb_id != ["none"] and not all(str(x).isdigit() for x in args.mm_emb_id):
         bad("mm_emb_id", " ".join(map(str, args.mm_emb_id)), "feature ids such as 81 82, or none")
     if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            bad("device", args.device, "cpu or cuda (cuda:N)")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            bad("device", args.device, "a device this machine has: CUDA is not available here")
-        if dev.type not in ("cpu", "cuda"):
-            bad("device", args.device, "cpu or cuda (cuda:N)")
+        R.parse_device(args.device)
 
 
 def check_paths(paths: dict, args) -> None:

@@ -552,18 +552,27 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_device(value: str, need_cuda: bool = True) -> torch.device:
+    """--device VALUE as a torch.device: cpu or cuda[:N], else a DataError naming the flag; with
+    need_cuda, a CUDA device must also exist on this machine."""
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise DataError(f"--device {value}: expected cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {value}: expected cpu or cuda (cuda:N)")
+    if need_cuda and dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {value}: expected a device this machine has: CUDA is not available here")
+    return dev
+
+
 def check_args(args) -> None:
     """Flag ranges and the device, before any file is read (DataError naming the flag)."""
     for flag, lo in (("k", 1), ("threads", 0), ("nprobe", 1), ("ef_search", 1), ("seed", 0)):
         v = getattr(args, flag)
         if v < lo:
             raise DataError(f"--{flag} {v}: expected an integer >= {lo}")
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise DataError(f"--device {args.device}: expected cpu or cuda (cuda:N)")
+    parse_device(args.device, need_cuda=False)      # search() falls back to the CPU with a notice
     outs = os.path.realpath(args.out)
     for flag in ("query", "base", "ids"):
         if os.path.realpath(getattr(args, flag)) == outs:
