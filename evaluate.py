@@ -9,6 +9,12 @@ result counts as a miss). Score = 0.31 * HR@10 + 0.69 * NDCG@10 (../shared/docs/
 
 prints a table (the model, and the most-popular / random baselines when the data folders are
 given) and, as its last line, the model's metrics as JSON.
+
+With the data folders it also splits the metrics by cold and warm targets (cold_warm_metrics): an
+item is cold when no item record of the training seq.jsonl holds it, and a target is cold when
+its creative is. Beside that: the share of cold targets, the share of recommended slots holding
+cold items, catalogue coverage@K over the predict_set.jsonl pool, and HR@K by the target's
+popularity tercile (training events; see pop_terciles for the tie rule).
 """
 import argparse
 import json
@@ -226,17 +232,21 @@ def item_popularity(train_dir: str, indexer: dict) -> dict:
             zip(c["item_ids"].tolist(), c["item_clicks"].tolist(), c["item_events"].tolist()) if i in reid2cid}
 
 
+def popular_list(pop: dict, pool, k=10) -> list:
+    """The k items of pool with the most clicks in pop ({creative id: (clicks, events)}; events
+    break ties, then the lower creative id)."""
+    def rank_key(c):
+        clicks, events = pop.get(c, (0, 0))
+        return -clicks, -events, isinstance(c, str), c if isinstance(c, int) else 0, str(c)
+    return sorted(dict.fromkeys(pool), key=rank_key)[:k]
+
+
 def most_popular_topk(train_dir, eval_dir, k=10):
     """(top_lists, user_list): the k pool items with the most clicks (events break ties, then
     the lower creative id), the same list for every user of predict_seq.jsonl, in its order."""
     ix = _indexer(train_dir, eval_dir)
     pop = item_popularity(train_dir, ix)
-    pool = list(dict.fromkeys(predict_pool(eval_dir)))
-    def rank_key(c):  # most clicks, then most events, then the lower creative id
-        clicks, events = pop.get(c, (0, 0))
-        return -clicks, -events, isinstance(c, str), c if isinstance(c, int) else 0, str(c)
-
-    top = sorted(pool, key=rank_key)[:k]
+    top = popular_list(pop, predict_pool(eval_dir), k)
     users = predict_users(eval_dir, ix)
     return [list(top) for _ in users], users
 
@@ -254,6 +264,100 @@ def random_expectation(gt, pool, k=10):
 
 
 # ---------------------------------------------------------------------------------------------
+# Cold and warm items
+# ---------------------------------------------------------------------------------------------
+
+TERCILES = ("low", "mid", "high")
+
+
+def pop_terciles(pool_counts):
+    """(low_max, mid_max): the popularity tercile boundaries of a pool given as its items' counts
+    (one per distinct item), or None for an empty pool.
+
+    The counts are sorted ascending and the boundaries are the counts at 1-based ranks ceil(n/3)
+    and ceil(2n/3). A count <= low_max is low, <= mid_max mid, else high. Tie rule:
+    equal counts always share a tercile, the lower one, so the low tercile may hold more than a
+    third of the pool and mid or high fewer (even none; with many cold items often so)."""
+    c = sorted(pool_counts)
+    if not c:
+        return None
+    n = len(c)
+    return c[-(-n // 3) - 1], c[-(-2 * n // 3) - 1]
+
+
+def _tercile(count, bounds):
+    return TERCILES[0] if count <= bounds[0] else TERCILES[1] if count <= bounds[1] else TERCILES[2]
+
+
+def cold_warm_metrics(top_lists, user_list, gt, train_counts, pool, k=10) -> dict:
+    """Cold/warm split of one ranking, from in-memory data (no files, no torch).
+
+    top_lists / user_list / gt as hr_ndcg (a repeated user keeps its first list); train_counts:
+    {creative id: training event count} (an item missing or at 0 is cold); pool: the candidate
+    creative ids (predict_set.jsonl). Returns
+      "cold", "warm": hr_ndcg's dict over the users whose target is cold / warm (metrics None
+          when the group has no user; a user without a list counts as a miss, as overall),
+      "cold_target_share": cold targets / ground-truth users,
+      "cold_slot_share": slots holding a cold item / all slots (None without any), where the
+          slots are the first k entries of each user's list, for every user of the result
+          (in the ground truth or not; a list shorter than k has fewer slots),
+      "slots": that number of slots,
+      "coverage@k": distinct pool items among the slots / distinct pool items (None for an
+          empty pool; a recommended item outside the pool is not counted),
+      "pool_size": distinct pool items, "pool_cold_items": the cold ones among them,
+      "HR@k_by_pop_tercile": {"bounds": [low_max, mid_max] (pop_terciles), and per tercile
+          {"HR@k", "users" (targets in it), "items" (pool items in it)}}; a target is placed by
+          its own count, in the pool or not; None for an empty pool.
+    """
+    if len(top_lists) != len(user_list):
+        raise DataError(f"result: {len(top_lists)} top lists for {len(user_list)} users")
+    counts = {_cid(c): int(n) for c, n in train_counts.items()}
+    first = {}
+    for u, top in zip(user_list, top_lists):
+        first.setdefault(str(u), top)
+    hk, nk = f"HR@{k}", f"NDCG@{k}"
+    ranks = {}
+    for u, t in gt.items():
+        top = [_cid(x) for x in list(first.get(str(u), ()))[:k]]
+        t = _cid(t)
+        ranks[u] = top.index(t) + 1 if t in top else math.inf
+
+    def group(users):
+        if not users:
+            return {hk: None, nk: None, "Score": None, "users": 0}
+        hr, ndcg = _at(np.array([ranks[u] for u in users], np.float64), k)
+        return {hk: hr, nk: ndcg, "Score": W_HR * hr + W_NDCG * ndcg, "users": len(users)}
+
+    def count(c):
+        return counts.get(_cid(c), 0)
+
+    cold = [u for u, t in gt.items() if count(t) <= 0]
+    warm = [u for u, t in gt.items() if count(t) > 0]
+    slots = cold_slots = 0
+    shown = set()
+    for top in first.values():
+        top = [_cid(x) for x in list(top)[:k]]
+        slots += len(top)
+        cold_slots += sum(count(x) <= 0 for x in top)
+        shown.update(top)
+    items = list(dict.fromkeys(_cid(x) for x in pool))
+    bounds = pop_terciles([count(x) for x in items])
+    by_pop = None
+    if bounds is not None:
+        by_pop = {"bounds": list(bounds)}
+        for name in TERCILES:
+            sub = [u for u, t in gt.items() if _tercile(count(t), bounds) == name]
+            by_pop[name] = {hk: group(sub)[hk], "users": len(sub),
+                            "items": sum(_tercile(count(x), bounds) == name for x in items)}
+    return {"cold": group(cold), "warm": group(warm),
+            "cold_target_share": len(cold) / max(len(gt), 1),
+            "cold_slot_share": cold_slots / slots if slots else None, "slots": slots,
+            f"coverage@{k}": len(shown.intersection(items)) / len(items) if items else None,
+            "pool_size": len(items), "pool_cold_items": sum(count(x) <= 0 for x in items),
+            f"HR@{k}_by_pop_tercile": by_pop}
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
@@ -266,13 +370,53 @@ def parser() -> argparse.ArgumentParser:
                     help="jsonl of {user_id, creative_id}: one target per user")
     ap.add_argument("--k", type=int, default=10, help="cut-off K of HR@K / NDCG@K")
     ap.add_argument("--train_dir", help="training folder (seq.jsonl, indexer.pkl): adds the "
-                                        "most-popular baseline")
+                                        "most-popular baseline, and the cold/warm split, cold slot "
+                                        "share, coverage and HR by popularity tercile")
     ap.add_argument("--eval_dir", help="evaluation folder (predict_seq.jsonl, predict_set.jsonl)")
     return ap
 
 
+def _num(v, width=9):
+    return f"{v:{width}.4f}" if v is not None else f"{'-':>{width}s}"
+
+
+def _print_table(rows, cold_warm, k):
+    """The metrics table; with cold_warm ({row name: cold_warm_metrics}) the cold/warm rows under
+    each named row, then slot share, coverage and HR by popularity tercile."""
+    hk, nk = f"HR@{k}", f"NDCG@{k}"
+    print(f"{'':18s} {hk:>9s} {nk:>9s} {'Score':>9s} {'users':>8s}")
+    for name, m in rows:
+        print(f"{name:18s} {_num(m[hk])} {_num(m[nk])} {_num(m['Score'])} {m['users']:8d}")
+        for part in ("cold", "warm"):
+            if name in cold_warm:
+                g = cold_warm[name][part]
+                print(f"{'  ' + part + ' targets':18s} {_num(g[hk])} {_num(g[nk])} {_num(g['Score'])} {g['users']:8d}")
+    if not cold_warm:
+        return
+    first = next(iter(cold_warm.values()))
+    print()
+    print(f"{'':18s} {'cold slot share':>15s} {'coverage@' + str(k):>12s}" +
+          "".join(f"{hk + ' ' + x + '-pop':>16s}" for x in TERCILES))
+    for name, c in cold_warm.items():
+        t = c[f"HR@{k}_by_pop_tercile"]
+        print(f"{name:18s} {_num(c['cold_slot_share'], 15)} {_num(c[f'coverage@{k}'], 12)}" +
+              "".join(_num(t[x][hk] if t else None, 16) for x in TERCILES))
+    cold_n = first["cold"]["users"]
+    total = cold_n + first["warm"]["users"]
+    print(f"cold targets (no training event): {cold_n} of {total} users ({100 * first['cold_target_share']:.1f}%); "
+          f"candidate pool: {first['pool_size']} items, {first['pool_cold_items']} of them cold")
+    t = first[f"HR@{k}_by_pop_tercile"]
+    if t:
+        lo, mid = t["bounds"]
+        print(f"popularity terciles of the pool by training events (equal counts share the lower tercile): "
+              f"low <= {lo} ({t['low']['items']} items, {t['low']['users']} targets), "
+              f"{lo} < mid <= {mid} ({t['mid']['items']} items, {t['mid']['users']} targets), "
+              f"high > {mid} ({t['high']['items']} items, {t['high']['users']} targets)")
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    cold_warm = {}
     try:
         if args.k < 1:
             raise DataError(f"--k must be >= 1, got {args.k}")
@@ -286,26 +430,34 @@ def main(argv=None):
             print(f"warning: {args.result}: {empty} of {len(tops)} top lists are empty", file=sys.stderr)
         rows = [("model", hr_ndcg(tops, users, gt, args.k))]
         if args.train_dir:
-            p_tops, p_users = most_popular_topk(args.train_dir, args.eval_dir, args.k)
+            # one pass over seq.jsonl feeds the baseline and the cold/warm split
+            ix = _indexer(args.train_dir, args.eval_dir)
+            pop = item_popularity(args.train_dir, ix)
+            pool = predict_pool(args.eval_dir)
+            p_users = predict_users(args.eval_dir, ix)
+            p_top = popular_list(pop, pool, args.k)
+            p_tops = [list(p_top) for _ in p_users]
             hit = len(set(p_users) & set(gt))
             if hit < len(gt):
                 print(f"warning: {os.path.join(args.eval_dir, 'predict_seq.jsonl')}: {hit} of the {len(gt)} users of "
                       f"{args.ground_truth} are among its users; the baselines count the other {len(gt) - hit} "
                       f"as misses", file=sys.stderr)
             rows.append(("most-popular", hr_ndcg(p_tops, p_users, gt, args.k)))
-            rows.append(("random (expected)",
-                         random_expectation(gt, predict_pool(args.eval_dir), args.k)))
+            rows.append(("random (expected)", random_expectation(gt, pool, args.k)))
+            events = {c: e for c, (_, e) in pop.items()}
+            cold_warm = {"model": cold_warm_metrics(tops, users, gt, events, pool, args.k),
+                         "most-popular": cold_warm_metrics(p_tops, p_users, gt, events, pool, args.k)}
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {os_error(e)}", file=sys.stderr)
         return 2
+    _print_table(rows, cold_warm, args.k)
     hk, nk = f"HR@{args.k}", f"NDCG@{args.k}"
-    print(f"{'':18s} {hk:>9s} {nk:>9s} {'Score':>9s} {'users':>8s}")
-    for name, m in rows:
-        print(f"{name:18s} {m[hk]:9.4f} {m[nk]:9.4f} {m['Score']:9.4f} {m['users']:8d}")
-    print(json.dumps({k: rows[0][1][k] for k in (hk, nk, "Score", "users")}))
+    last = {k: rows[0][1][k] for k in (hk, nk, "Score", "users")}
+    last.update(cold_warm.get("model", {}))
+    print(json.dumps(last))
     return 0
 
 
