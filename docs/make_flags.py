@@ -11,7 +11,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 OUT = os.path.join(ROOT, "docs", "FLAGS.md")
-SCRIPTS = ["main", "infer", "precompute_ctr", "evaluate", "convert_public", "make_demo_data", "retrieval_torch"]
+SCRIPTS = ["main", "infer", "precompute_ctr", "precompute_sid", "evaluate", "convert_public", "make_demo_data", "retrieval_torch"]
 
 
 def _cell(text) -> str:
