@@ -15,6 +15,7 @@ Inputs
 
 Outputs (DIR = --out)
   DIR/train:  seq.jsonl, seq_offsets.pkl, indexer.pkl, item_feat_dict.json
+              [creative_emb/emb_81_64.pkl with content on]
   DIR/valid, DIR/test:  predict_seq.jsonl, predict_seq_offsets.pkl, predict_set.jsonl,
                         ground_truth.jsonl
   DIR/dataset_meta.json: source, counts, feature ids, has_timestamps.
@@ -44,10 +45,39 @@ Feature ids (list values are ARRAY features, scalars SPARSE; readers derive the 
   125 item array   MovieLens genres, S3Rec attributes (categories + brand); absent when none
   S3Rec has no user features (empty profile dict) and no timestamps: ts = 1-based position and
   dataset_meta.json says has_timestamps false, so time features must be off.
+  With content on (below) also:
+  113 item sparse  MovieLens release decade (1990 for 1990-1999; absent when the year is)
+  126 item array   MovieLens tags of ratings.csv-family folders (tags.csv, lower-cased, whitespace collapsed)
+
+Cold items (--cold_items FRAC --seed S). round(FRAC x catalogue size) items are drawn without
+replacement, uniformly, by numpy.random.default_rng(S).choice over the catalogue sorted by raw id.
+The split is made first, exactly as without the flag; then every event on a cold item leaves the
+training lines and the valid/test histories, while targets stay whatever they are (a user whose
+target is cold is a cold target). Cold items leave the indexer and item_feat_dict.json too (the
+pipeline's unknown-item path: embedded from predict_set features and content vector only); they
+stay in predict_set.jsonl after the warm items (retrieval ids from the warm count on), with
+feature values the warm vocabulary lacks written as raw-value strings (unknown at inference). The
+feature vocabularies are built from the users kept and the warm items. A user whose training line
+would hold no event (every event before the valid target, or every event for a user --targets
+clicks does not evaluate, is on a cold item) is dropped and counted, as a user too short for the
+split is without the flag; --min_seq_len still counts every event, before the draw.
+
+Content (--content; auto = on exactly when --cold_items is): features 113/126 above and one
+content vector per catalogue item (warm and cold) with any content, as
+train/creative_emb/emb_81_64.pkl ({raw creative id: 64 floats}; feature 81 is read by default).
+Tokens by field: MovieLens genre:<name>, year:<YYYY>, decade:<YYY0>, tag:<tag>; S3Rec attr:<id>.
+Each token t has a fixed sign vector: entry k is +1 when bit k of SHA-256("content-v1:" + t) is
+set (bit k mod 8, least significant first, of digest byte k // 8), else -1. An item's vector is
+the sum over its fields of (sum of the field's token vectors / sqrt(token count)),
+L2-normalised: each field weighs the same whatever its size, and the vector depends only on the
+item's own token names, never on which items exist or on --seed.
 """
 import argparse
+import bisect
 import collections
+import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -62,8 +92,17 @@ from layout import (MAX_ID, ArgumentParser, DataError, DuplicateKey, atomic_writ
                     os_error, unique_pairs)
 
 FID_AGE, FID_GENDER, FID_OCC, FID_ZIP, FID_YEAR, FID_TAGS = "103", "104", "105", "109", "112", "125"
+FID_DECADE, FID_USER_TAGS = "113", "126"    # written only with content on
 FEATURE_NAMES = {FID_AGE: "age_bucket", FID_GENDER: "gender", FID_OCC: "occupation",
-                 FID_ZIP: "zip_prefix", FID_YEAR: "release_year", FID_TAGS: "genres_or_attributes"}
+                 FID_ZIP: "zip_prefix", FID_YEAR: "release_year", FID_TAGS: "genres_or_attributes",
+                 FID_DECADE: "release_decade", FID_USER_TAGS: "user_tags"}
+ARRAY_FIDS = (FID_TAGS, FID_USER_TAGS)
+# The content vector: feature 81 (training.resolve_mm picks it up by default), 64 values (Beauty's 637
+# attributes crowd 32 random directions: the content-only baseline's cold HR@10 is 0.0088 at 32, 0.0103
+# at 64, 0.0116 at 256; ml-100k's is the same at 32 and 64; at most 256, one digest). The salt
+# is part of the definition: changing it (or the width) changes every vector, so it is versioned.
+CONTENT_FID, CONTENT_DIM, CONTENT_SALT = "81", 64, "content-v1:"
+CONTENT_FILE = f"train/creative_emb/emb_{CONTENT_FID}_{CONTENT_DIM}.pkl"
 AGE_CODES = (1, 18, 25, 35, 45, 50, 56)  # MovieLens-1M's age groups; bucketing a code is a no-op
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -334,6 +373,32 @@ def read_movielens(folder, min_rating=None):
                     f"ratings.csv)")
 
 
+def read_ml_tags(folder):
+    """{raw item id: sorted distinct tags} from a ratings.csv-family folder's tags.csv
+    (userId,movieId,tag,timestamp); {} when the folder has none. A tag is lower-cased with its
+    whitespace collapsed, so "Sci-Fi " and "sci-fi" are one tag."""
+    path = os.path.join(folder, "tags.csv")
+    if not os.path.isfile(path):
+        return {}
+    tags = collections.defaultdict(set)
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        rows = csv.reader(fh, strict=True)
+        try:
+            cols = _csv_columns(f"{path}:1", next(rows, []), ["movieId", "tag"])
+            for row in rows:
+                if not row:
+                    continue
+                where = f"{path}:{rows.line_num}"
+                if len(row) <= max(cols):
+                    raise DataError(f"{where}: expected userId,movieId,tag,timestamp, got {row!r}")
+                tag = " ".join(row[cols[1]].split()).lower()
+                if tag:
+                    tags[_int(row[cols[0]], where, "movie id")].add(tag)
+        except csv.Error as e:
+            raise DataError(f"{path}:{rows.line_num}: not valid CSV ({e}); is the file cut short?") from None
+    return {i: sorted(t) for i, t in tags.items()}
+
+
 def read_s3rec(path):
     if os.path.isdir(path):
         txts = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
@@ -386,6 +451,65 @@ def read_s3rec(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Content: extra item features and the fixed content vector
+# ---------------------------------------------------------------------------------------------
+
+def with_content_feats(item_meta, tags):
+    """item_meta plus the content-only features: the decade of a release year, and tags."""
+    out = {}
+    for i in set(item_meta) | set(tags):
+        f = dict(item_meta.get(i, {}))
+        if FID_YEAR in f:
+            f[FID_DECADE] = f[FID_YEAR] // 10 * 10
+        if tags.get(i):
+            f[FID_USER_TAGS] = list(tags[i])
+        out[i] = f
+    return out
+
+
+def content_fields(fmt, feats):
+    """{field: [token]} of one item's raw features. Tokens are names (a genre's, an attribute
+    id's), never positions in a vocabulary, so a vector does not depend on which items exist."""
+    fields = {}
+    if fmt == "s3rec":
+        if feats.get(FID_TAGS):
+            fields["attr"] = [f"attr:{a}" for a in feats[FID_TAGS]]
+        return fields
+    if feats.get(FID_TAGS):
+        fields["genre"] = [f"genre:{g}" for g in feats[FID_TAGS]]
+    if FID_YEAR in feats:
+        fields["year"] = [f"year:{feats[FID_YEAR]}"]
+        fields["decade"] = [f"decade:{feats[FID_YEAR] // 10 * 10}"]
+    if feats.get(FID_USER_TAGS):
+        fields["tag"] = [f"tag:{t}" for t in feats[FID_USER_TAGS]]
+    return fields
+
+
+def token_signs(token, cache=None):
+    """The token's fixed +-1 vector: entry k is +1 when bit k (little-endian within each byte) of
+    SHA-256(CONTENT_SALT + token) is set. A hash, not a random generator: the same on any numpy."""
+    if cache is not None and token in cache:
+        return cache[token]
+    bits = np.unpackbits(np.frombuffer(hashlib.sha256((CONTENT_SALT + token).encode("utf-8")).digest(),
+                                       np.uint8), bitorder="little")[:CONTENT_DIM]
+    v = bits.astype(np.float64) * 2 - 1
+    if cache is not None:
+        cache[token] = v
+    return v
+
+
+def content_vector(fields, cache=None):
+    """Sum over fields of (sum of the field's token vectors / sqrt(its token count)), L2-normalised;
+    None for an item without tokens (no vector: the reader marks it missing)."""
+    v = np.zeros(CONTENT_DIM)
+    for tokens in fields.values():
+        if tokens:
+            v += sum(token_signs(t, cache) for t in tokens) / math.sqrt(len(tokens))
+    norm = np.linalg.norm(v)
+    return None if norm == 0 else (v / norm).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
 
@@ -395,6 +519,16 @@ def _reindex(values):
 
 def _map_feats(feats, fmap):
     return {fid: [fmap[fid][x] for x in v] if isinstance(v, list) else fmap[fid][v]
+            for fid, v in sorted(feats.items())}
+
+
+def _map_feats_cold(feats, fmap):
+    """A cold item's features: a value the warm items' vocabulary lacks is written as its raw
+    value's string, which readers take for an unseen value (unknown), as at inference."""
+    def one(fid, x):
+        r = fmap.get(fid, {}).get(x)
+        return str(x) if r is None else r
+    return {fid: [one(fid, x) for x in v] if isinstance(v, list) else one(fid, v)
             for fid, v in sorted(feats.items())}
 
 
@@ -416,7 +550,8 @@ def _write_jsonl(path, lines):
 
 OUTPUTS = ("train/seq.jsonl", "train/seq_offsets.pkl", "train/indexer.pkl", "train/item_feat_dict.json",
            *(f"{s}/{n}" for s in ("valid", "test")
-             for n in ("predict_seq.jsonl", "predict_seq_offsets.pkl", "predict_set.jsonl", "ground_truth.jsonl")))
+             for n in ("predict_seq.jsonl", "predict_seq_offsets.pkl", "predict_set.jsonl", "ground_truth.jsonl")),
+           CONTENT_FILE)
 
 
 def check_output(out):
@@ -450,14 +585,17 @@ def _mark_incomplete(out, fmt):
               os.path.join(out, "dataset_meta.json"), indent=1)
 
 
-def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"):
+def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last", cold_items=0.0, seed=0,
+            content="auto"):
     """Convert `input_path` (format 'movielens' or 's3rec') into the layout under `out`.
 
     targets "last": the benchmark protocol's leave-one-out (valid target = second-last event,
     test target = last, of any action). targets "clicks": the TencentGR task's kind of target,
     a click: test target = the user's last click, valid target = the click before it, train =
     every event before the valid target; users without two such clicks are not evaluated and
-    train on all their events. Returns the dict written to out/dataset_meta.json.
+    train on all their events. cold_items (a share in [0, 1), 0 = none), seed and content
+    ('auto', 'on', 'off'): the cold-item protocol and content features of the module docstring.
+    Returns the dict written to out/dataset_meta.json.
     """
     if targets not in ("last", "clicks"):
         raise DataError(f"--targets {targets!r}: expected last or clicks")
@@ -466,6 +604,13 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
                         f"each need an event)")
     if min_rating is not None and not math.isfinite(min_rating):
         raise DataError(f"--min_rating {min_rating}: expected a finite number")
+    if not (math.isfinite(cold_items) and 0 <= cold_items < 1):
+        raise DataError(f"--cold_items {cold_items}: expected a share of the items >= 0 and < 1 (0: no cold items)")
+    if type(seed) is not int or seed < 0:
+        raise DataError(f"--seed {seed}: expected a non-negative integer")
+    if content not in ("auto", "on", "off"):
+        raise DataError(f"--content {content!r}: expected auto, on or off")
+    use_content = content == "on" or (content == "auto" and cold_items > 0)
     check_output(out)
     if fmt == "movielens":
         ev, item_meta, user_meta, info = read_movielens(input_path, min_rating)
@@ -477,6 +622,10 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
         has_ts = False
     else:
         raise DataError(f"--format {fmt!r}: expected movielens or s3rec")
+    meta_items, tags = set(item_meta), {}
+    if use_content:
+        tags = read_ml_tags(input_path) if info["variant"].endswith("(ratings.csv)") else {}
+        item_meta = with_content_feats(item_meta, tags)
     cols = ev.numpy()
     if len(cols["user"]) == 0:
         raise DataError(f"{input_path}: no interactions found")
@@ -494,24 +643,62 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
     kept = np.concatenate([order[s:s + c] for s, c in zip(starts, counts)])
     catalogue = np.unique(cols["item"][kept])
 
-    indexer_u = {str(u): k for k, u in enumerate(users.tolist(), 1)}
-    indexer_i = {i: k for k, i in enumerate(catalogue.tolist(), 1)}
+    n_items = len(catalogue)
+    cold = np.zeros(n_items, bool)
+    if cold_items > 0:
+        n_cold = int(math.floor(cold_items * n_items + 0.5))
+        if not 1 <= n_cold < n_items:
+            raise DataError(f"--cold_items {cold_items}: {n_cold} of the {n_items} items would be cold, expected at "
+                            f"least one cold and one warm item")
+        cold[np.random.default_rng(seed).choice(n_items, n_cold, replace=False)] = True
+    any_cold = bool(cold.any())
+    warm_items, cold_items_raw = catalogue[~cold].tolist(), catalogue[cold].tolist()
+    pos = np.minimum(np.searchsorted(catalogue, cols["item"]), n_items - 1)
+    reid = np.zeros(n_items, np.int64)
+    reid[~cold] = np.arange(1, len(warm_items) + 1)
+    step = DAY if has_ts else 1
+    # Python lists: per-record indexing of numpy scalars is several times slower. Events of
+    # dropped users map to arbitrary rows and are never read.
+    item_re, item_raw = reid[pos].tolist(), cols["item"].tolist()
+    action, ts = cols["action"].tolist(), cols["ts"].tolist()
+    ev_cold = cold[pos].tolist() if any_cold else None
+
+    # (raw user, history event indices, (valid, test) cut positions in them, (valid, test) target events)
+    per_user, cold_dropped, cold_dropped_events, cold_dropped_clicks, cold_events = [], 0, 0, 0, 0
+    for u, s, c in zip(users.tolist(), starts.tolist(), counts.tolist()):
+        idx = order[s:s + c].tolist()
+        if targets == "last":
+            cuts = (c - 2, c - 1)
+        else:
+            clicks = [j for j in range(1, c) if action[idx[j]] >= 1]
+            cuts = (clicks[-2], clicks[-1]) if len(clicks) >= 2 else None
+        tgts = (idx[cuts[0]], idx[cuts[1]]) if cuts else None
+        if any_cold:
+            warm_pos = [p for p, j in enumerate(idx) if not ev_cold[j]]
+            hcuts = tuple(bisect.bisect_left(warm_pos, x) for x in cuts) if cuts else None
+            if (hcuts[0] if cuts else len(warm_pos)) == 0:      # its training line would be empty
+                cold_dropped, cold_dropped_events = cold_dropped + 1, cold_dropped_events + c
+                cold_dropped_clicks += sum(action[j] for j in idx)
+                continue
+            cold_events += c - len(warm_pos)
+            idx, cuts = [idx[p] for p in warm_pos], hcuts
+        per_user.append((u, idx, cuts, tgts))
+    if not per_user:
+        raise DataError(f"{input_path}: every user's history before its targets is on cold items; lower --cold_items")
+
+    indexer_u = {str(u): k for k, (u, *_) in enumerate(per_user, 1)}
+    indexer_i = {i: k for k, i in enumerate(warm_items, 1)}
     raw_values = collections.defaultdict(set)
-    for meta in [user_meta.get(u, {}) for u in users.tolist()] + \
-                [item_meta.get(i, {}) for i in catalogue.tolist()]:
+    for meta in [user_meta.get(u, {}) for u, *_ in per_user] + \
+                [item_meta.get(i, {}) for i in warm_items]:
         for fid, v in meta.items():
             raw_values[fid].update(v if isinstance(v, list) else [v])
     fmap = collections.defaultdict(dict)
     for fid in sorted(raw_values):
         fmap[fid] = _reindex(raw_values[fid])
-    item_feats = [_map_feats(item_meta.get(i, {}), fmap) for i in catalogue.tolist()]
+    item_feats = [_map_feats(item_meta.get(i, {}), fmap) for i in warm_items]
+    cold_feats = [_map_feats_cold(item_meta.get(i, {}), fmap) for i in cold_items_raw]
     item_json = [_dumps(f) for f in item_feats]
-
-    item_re = np.searchsorted(catalogue, cols["item"]) + 1  # every kept item is in the catalogue
-    step = DAY if has_ts else 1
-    # Python lists: per-record indexing of numpy scalars is several times slower
-    item_re, item_raw = item_re.tolist(), cols["item"].tolist()
-    action, ts = cols["action"].tolist(), cols["ts"].tolist()
 
     def line(ureid, idx, profile):
         recs = [f"[{ureid},{item_re[j]},null,{item_json[item_re[j] - 1]},{action[j]},{ts[j]}]"
@@ -519,16 +706,8 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
         recs.append(f"[{ureid},null,{profile},null,null,{ts[idx[-1]] + step}]")
         return "[" + ",".join(recs) + "]"
 
-    per_user = []       # (re-id, raw id, event indices in time order, profile, (valid, test) target positions)
-    for k, (u, s, c) in enumerate(zip(users.tolist(), starts.tolist(), counts.tolist()), 1):
-        profile = _dumps(_map_feats(user_meta.get(u, {}), fmap))
-        idx = order[s:s + c].tolist()
-        if targets == "last":
-            cuts = (c - 2, c - 1)
-        else:
-            clicks = [j for j in range(1, c) if action[idx[j]] >= 1]
-            cuts = (clicks[-2], clicks[-1]) if len(clicks) >= 2 else None
-        per_user.append((k, str(u), idx, profile, cuts))
+    per_user = [(k, str(u), idx, _dumps(_map_feats(user_meta.get(u, {}), fmap)), cuts, tgts)
+                for k, (u, idx, cuts, tgts) in enumerate(per_user, 1)]
     evaluated = [p for p in per_user if p[4] is not None]
     if not evaluated:
         raise DataError(f"{input_path}: no user has two clicks after a first event, so none can be evaluated "
@@ -538,32 +717,46 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
     _mark_incomplete(out, fmt)
     train = os.path.join(out, "train")
     offs = _write_jsonl(os.path.join(train, "seq.jsonl"),
-                        (line(k, idx[:cuts[0]] if cuts else idx, prof) for k, _, idx, prof, cuts in
+                        (line(k, idx[:cuts[0]] if cuts else idx, prof) for k, _, idx, prof, cuts, _ in
                          tqdm(per_user, desc="train", **bar)))
     dump_pickle(offs, os.path.join(train, "seq_offsets.pkl"))
     dump_pickle({"u": indexer_u, "i": indexer_i, "f": fmap, "a": {1: 1, 0: 2}},
                 os.path.join(train, "indexer.pkl"))
     dump_json({str(k): f for k, f in enumerate(item_feats, 1)},
               os.path.join(train, "item_feat_dict.json"), separators=(",", ":"))
+    # warm items by re-id (retrieval id = re-id - 1), then cold ones by raw id
     predict_set = [_dumps({"creative_id": i, "retrieval_id": k, "features": f})
-                   for k, (i, f) in enumerate(zip(catalogue.tolist(), item_feats))]
+                   for k, (i, f) in enumerate(zip(warm_items + cold_items_raw, item_feats + cold_feats))]
     for split, which in (("valid", 0), ("test", 1)):
         d = os.path.join(out, split)
         offs = _write_jsonl(os.path.join(d, "predict_seq.jsonl"),
-                            (line(k, idx[:cuts[which]], prof) for k, _, idx, prof, cuts in
+                            (line(k, idx[:cuts[which]], prof) for k, _, idx, prof, cuts, _ in
                              tqdm(evaluated, desc=split, **bar)))
         dump_pickle(offs, os.path.join(d, "predict_seq_offsets.pkl"))
         _write_jsonl(os.path.join(d, "predict_set.jsonl"), predict_set)
         _write_jsonl(os.path.join(d, "ground_truth.jsonl"),
-                     (_dumps({"user_id": raw, "creative_id": item_raw[idx[cuts[which]]]})
-                      for _, raw, idx, _, cuts in evaluated))
+                     (_dumps({"user_id": raw, "creative_id": item_raw[tgts[which]]})
+                      for _, raw, _, _, _, tgts in evaluated))
+    content_path = os.path.join(out, CONTENT_FILE)
+    vectors = {}
+    if use_content:
+        cache = {}
+        for i in catalogue.tolist():
+            v = content_vector(content_fields(fmt, item_meta.get(i, {})), cache)
+            if v is not None:
+                vectors[i] = v.tolist()     # plain floats: the pickle does not depend on numpy's version
+        dump_pickle(vectors, content_path)
+    elif os.path.isfile(content_path):      # left by an earlier conversion into this folder
+        os.remove(content_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(content_path))
 
-    n_kept = int(counts.sum())
-    clicks = int(cols["action"][kept].sum())
+    n_kept = int(counts.sum()) - cold_dropped_events
+    clicks = int(cols["action"][kept].sum()) - cold_dropped_clicks
     groups = {"user_sparse": [], "user_array": [], "item_sparse": [], "item_array": []}
     for fid in sorted(fmap):
         side = "user" if fid in (FID_AGE, FID_GENDER, FID_OCC, FID_ZIP) else "item"
-        groups[f"{side}_{'array' if fid == FID_TAGS else 'sparse'}"].append(fid)
+        groups[f"{side}_{'array' if fid in ARRAY_FIDS else 'sparse'}"].append(fid)
     meta = {
         "format": fmt, **info, "source": os.path.abspath(input_path),
         "has_timestamps": has_ts,
@@ -576,17 +769,42 @@ def convert(fmt, input_path, out, min_rating=None, min_seq_len=3, targets="last"
                  ("on stable (ts, file order) sort: test target = last click, valid target = the click before it, "
                   "train = events before the valid target; users without two clicks after a first event train on "
                   "everything and are not evaluated"),
-        "counts": {"users": len(users), "items": len(catalogue), "events": n_kept, "evaluated_users": len(evaluated),
-                   "train_events": sum(cuts[0] if cuts else len(idx) for _, _, idx, _, cuts in per_user),
+        "counts": {"users": len(per_user), "items": n_items, "events": n_kept, "evaluated_users": len(evaluated),
+                   "train_events": sum(cuts[0] if cuts else len(idx) for _, _, idx, _, cuts, _ in per_user),
                    "clicks": clicks,
                    "exposures": n_kept - clicks, "users_dropped": users_dropped,
                    "events_dropped": events_dropped,
-                   "items_without_features": sum(not f for f in item_feats),
-                   "metadata_items_never_interacted": len(set(item_meta) - set(indexer_i))},
+                   "items_without_features": sum(not f for f in item_feats + cold_feats),
+                   "metadata_items_never_interacted": len(meta_items - set(catalogue.tolist()))},
         "feature_ids": groups,
         "feature_names": {fid: FEATURE_NAMES[fid] for fid in sorted(fmap)},
         "feature_cardinality": {fid: len(fmap[fid]) for fid in sorted(fmap)},
     }
+    if any_cold:
+        cold_set = set(cold_items_raw)
+        meta["cold_items"] = {
+            "share": cold_items, "seed": seed,
+            "selection": f"numpy.random.default_rng({seed}).choice(catalogue sorted by raw id, "
+                         f"round({cold_items} x {n_items}), replace=False)",
+            "rule": "split as without cold items; events on cold items leave train lines and valid/test histories, "
+                    "targets stay; cold items are not in the indexer; users whose training line would be empty are "
+                    "dropped",
+            "items": len(cold_items_raw), "candidates": n_items,
+            "share_of_candidates": round(len(cold_items_raw) / n_items, 6),
+            "events_on_cold_items": cold_events,
+            "users_dropped": cold_dropped, "events_of_users_dropped": cold_dropped_events,
+            "valid_cold_targets": sum(item_raw[t[0]] in cold_set for *_, t in evaluated),
+            "test_cold_targets": sum(item_raw[t[1]] in cold_set for *_, t in evaluated),
+        }
+    if use_content:
+        meta["content"] = {
+            "file": CONTENT_FILE, "feature_id": CONTENT_FID, "dim": CONTENT_DIM, "salt": CONTENT_SALT,
+            "tokens": "s3rec attr:<id>" if fmt == "s3rec" else "genre:<name>, year:<YYYY>, decade:<YYY0>, tag:<tag>",
+            "vector": "sum over fields of (sum of +-1 token vectors / sqrt(field token count)), L2-normalised; "
+                      "entry k of a token's vector = +1 if bit k of sha256(salt + token) else -1",
+            "items_with_vector": len(vectors), "items_without_content": n_items - len(vectors),
+            "tags_file": "tags.csv" if tags else None,
+        }
     dump_json(meta, os.path.join(out, "dataset_meta.json"), indent=1)
     return meta
 
@@ -610,13 +828,22 @@ def parser() -> argparse.ArgumentParser:
                    help="last: valid/test targets are each user's second-last/last event (the benchmark protocol); "
                         "clicks: the last two clicks, as in the TencentGR task (events before the first of them "
                         "train)")
+    p.add_argument("--cold_items", type=float, default=0.0, metavar="FRAC",
+                   help="share of the items made cold (>= 0, < 1; 0: none): their events leave training and the "
+                        "valid/test histories, they stay candidates (not in the indexer) and targets")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the cold-item draw (numpy default_rng); the content vectors never depend on it")
+    p.add_argument("--content", choices=["auto", "on", "off"], default="auto",
+                   help="item content: decade/tag features and a fixed 64-value content vector "
+                        "(creative_emb/emb_81_64.pkl) for every item; auto: on exactly with --cold_items")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        meta = convert(args.format, args.input, args.out, args.min_rating, args.min_seq_len, args.targets)
+        meta = convert(args.format, args.input, args.out, args.min_rating, args.min_seq_len, args.targets,
+                       args.cold_items, args.seed, args.content)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -629,6 +856,13 @@ def main(argv=None):
     if c["users_dropped"]:
         print(f"dropped {c['users_dropped']} users with < {args.min_seq_len} events "
               f"({c['events_dropped']} events)")
+    if "cold_items" in meta:
+        k = meta["cold_items"]
+        print(f"cold items: {k['items']} of {k['candidates']} candidates (seed {k['seed']}); cold targets: "
+              f"{k['valid_cold_targets']} valid, {k['test_cold_targets']} test; {k['users_dropped']} users dropped "
+              f"(no warm history)")
+    if "content" in meta:
+        print(f"content vectors: {meta['content']['items_with_vector']} items -> {CONTENT_FILE}")
     if not meta["has_timestamps"]:
         print("notice: no timestamps in this dataset (ts = position); turn time features off")
 

@@ -3,6 +3,7 @@ indexer, predict_set, S3Rec without timestamps, every MovieLens variant, bad inp
 ml-100k / Beauty files in ../shared (skipped when absent)."""
 import collections
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -317,3 +318,304 @@ def test_real_public_datasets(tmp_path, fmt, path, users, items, events):
         assert len((tmp_path / split / "predict_set.jsonl").read_text().splitlines()) == items
     train = read_jsonl(tmp_path / "train/seq.jsonl")
     assert sum(len(line) - 1 for line in train) == events - 2 * users
+
+
+# ---------------------------------------------------------------------------------------------
+# Cold items and content (--cold_items, --seed, --content)
+# ---------------------------------------------------------------------------------------------
+
+COLD_ITEMS = list(range(3, 123, 3))       # 40 raw item ids
+COLD_GENRES = {i: [GENRES[1 + (i // 3) % 18]] + ([GENRES[1 + (i // 7) % 18]] if i % 2 else []) for i in COLD_ITEMS}
+COLD_GENRES[6] = []                       # no genre
+COLD_YEARS = {i: 1931 + (i * 7) % 67 for i in COLD_ITEMS}
+COLD_YEARS[9] = None                      # no year: no year, no decade
+
+
+def cold_rows(n_users=14, seed=5):
+    """(user, item, rating, ts) rows: random items, timestamps with ties; user 50's only history
+    item (before its last two events) is item 3, so it is dropped when item 3 is cold."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(1, n_users + 1):
+        for _ in range(int(rng.integers(4, 12))):
+            rows.append((u, int(rng.choice(COLD_ITEMS)), int(rng.integers(1, 6)), int(rng.integers(0, 20))))
+    rows += [(50, 3, 5, 1), (50, 12, 5, 2), (50, 15, 4, 3)]
+    order = rng.permutation(len(rows))
+    return [rows[k] for k in order]
+
+
+def write_cold_ml(d, rows):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
+    (d / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(GENRES)))
+    (d / "u.item").write_text("".join(
+        f"{i}|Film {i}|{'01-Jan-%d' % COLD_YEARS[i] if COLD_YEARS[i] else ''}||u|{flags(*COLD_GENRES[i])}\n"
+        for i in COLD_ITEMS))
+    (d / "u.user").write_text("".join(f"{u}|30|M|other|12345\n" for u in sorted({r[0] for r in rows})))
+    return d
+
+
+def naive_cold_set(catalogue, frac, seed):
+    import numpy as np
+    cat = np.array(sorted(catalogue))
+    return set(np.random.default_rng(seed).choice(cat, int(math.floor(frac * len(cat) + 0.5)),
+                                                  replace=False).tolist())
+
+
+def histories(o, split):
+    """{raw user: [(raw item, action, ts)]} of a split's predict_seq (or train's seq.jsonl)."""
+    lines = o["train"] if split == "train" else o[split]["seq"]
+    return {u: ev for u, ev, _ in (decode(x, o["indexer"]) for x in lines)}
+
+
+def items_of(o):
+    inv = {v: k for k, v in o["indexer"]["i"].items()}
+    return {inv[int(k)] for k in o["items"]}
+
+
+def seed_making_cold(item, catalogue, frac):
+    return next(s for s in range(200) if item in naive_cold_set(catalogue, frac, s))
+
+
+@pytest.fixture
+def cold_src(tmp_path):
+    rows = cold_rows()
+    return str(write_cold_ml(tmp_path / "cin", rows)), rows
+
+
+@pytest.mark.parametrize("targets, min_rating", [("last", None), ("clicks", 3)])
+def test_cold_items_leave_training_and_histories_targets_stay(tmp_path, cold_src, targets, min_rating):
+    src, rows = cold_src
+    catalogue = {r[1] for r in rows}
+    seed = seed_making_cold(3, catalogue, 0.25)
+    cp.convert("movielens", src, str(tmp_path / "warm"), min_rating=min_rating, targets=targets)
+    meta = cp.convert("movielens", src, str(tmp_path / "cold"), min_rating=min_rating, targets=targets,
+                      cold_items=0.25, seed=seed)
+    w, c = load_out(tmp_path / "warm"), load_out(tmp_path / "cold")
+    cold = naive_cold_set(catalogue, 0.25, seed)
+    assert len(cold) == 10 and 3 in cold
+    # the same split, then cold events removed: each history is the warm history without cold
+    # items; a user whose training line would be empty is dropped (user 50: its one history item is 3)
+    dropped = {u for u, ev in histories(w, "train").items() if all(e[0] in cold for e in ev)}
+    assert "50" in dropped and len(dropped) < len(w["indexer"]["u"]) // 2
+    for split in ("train", "valid", "test"):
+        hw, hc = histories(w, split), histories(c, split)
+        assert hc == {u: [e for e in ev if e[0] not in cold] for u, ev in hw.items() if u not in dropped}
+        assert all(ev and e[0] not in cold for ev in hc.values() for e in ev)
+    for split in ("valid", "test"):
+        assert c[split]["gt"] == [g for g in w[split]["gt"] if g["user_id"] not in dropped]
+        n_cold = sum(g["creative_id"] in cold for g in c[split]["gt"])
+        assert meta["cold_items"][f"{split}_cold_targets"] == n_cold
+    assert sum(meta["cold_items"][f"{s}_cold_targets"] for s in ("valid", "test")) > 0
+    assert meta["cold_items"]["items"] == 10 and meta["cold_items"]["users_dropped"] == len(dropped)
+    assert meta["counts"]["users"] == len(w["indexer"]["u"]) - len(dropped)
+    # cold items: not in the indexer nor item_feat_dict, but candidates with their features
+    assert set(c["indexer"]["i"]) == catalogue - cold == items_of(c)
+    assert list(c["indexer"]["i"].values()) == list(range(1, len(catalogue) - 9))
+    for split in ("valid", "test"):
+        ps = c[split]["set"]
+        assert [p["creative_id"] for p in ps] == sorted(catalogue - cold) + sorted(cold)
+        assert [p["retrieval_id"] for p in ps] == list(range(len(catalogue)))
+    f = c["indexer"]["f"]
+    inv = {fid: {v: k for k, v in m.items()} for fid, m in f.items()}
+    for p in c["test"]["set"]:
+        i, feats = p["creative_id"], p["features"]
+        raw = {fid: ([inv[fid].get(x, x) for x in v] if isinstance(v, list) else inv[fid].get(v, v))
+               for fid, v in feats.items()}
+        want = {}
+        if COLD_YEARS[i]:
+            want.update({"112": COLD_YEARS[i], "113": COLD_YEARS[i] // 10 * 10})
+        if COLD_GENRES[i]:
+            want["125"] = list(dict.fromkeys(g for g in GENRES if g in COLD_GENRES[i]))
+        if i in cold:   # a value no warm item has is its raw string
+            raw = {fid: ([int(x) if isinstance(x, str) and x.isdigit() else x for x in v] if isinstance(v, list)
+                         else int(v) if isinstance(v, str) and v.isdigit() else v) for fid, v in raw.items()}
+        else:
+            assert feats == c["items"][str(c["indexer"]["i"][i])]
+            assert all(type(x) is int for v in feats.values() for x in (v if isinstance(v, list) else [v]))
+        assert raw == want, i
+    strings = [v for p in c["test"]["set"] for v in p["features"].values() if isinstance(v, str)]
+    assert strings and all(p["creative_id"] in cold for p in c["test"]["set"]
+                           if any(isinstance(v, str) for v in p["features"].values()))
+    # every item has some content (6 a year, 9 a genre): a vector for each, warm and cold
+    assert set(load_pickle(tmp_path / "cold" / cp.CONTENT_FILE)) == catalogue
+
+
+def test_same_seed_same_cold_set_other_seed_other(tmp_path, cold_src):
+    src, rows = cold_src
+    sets = []
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        cp.convert("movielens", src, str(tmp_path / name), cold_items=0.3, seed=seed)
+        o = load_out(tmp_path / name)
+        sets.append({p["creative_id"] for p in o["test"]["set"]} - set(o["indexer"]["i"]))
+    assert sets[0] == sets[1] == naive_cold_set({r[1] for r in rows}, 0.3, 4)
+    assert sets[2] == naive_cold_set({r[1] for r in rows}, 0.3, 5) != sets[0]
+    for p in sorted((tmp_path / "a").rglob("*")):
+        if p.is_file() and p.name != "dataset_meta.json":
+            assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes(), p
+
+
+def test_without_cold_items_output_is_byte_identical(tmp_path, cold_src):
+    src, _ = cold_src
+    cp.main(["--format", "movielens", "--input", src, "--out", str(tmp_path / "absent")])
+    cp.main(["--format", "movielens", "--input", src, "--out", str(tmp_path / "zero"), "--cold_items", "0",
+             "--seed", "7"])
+    # a folder converted with cold items, converted again without: its content file goes too
+    cp.main(["--format", "movielens", "--input", src, "--out", str(tmp_path / "again"), "--cold_items", "0.2"])
+    assert (tmp_path / "again" / cp.CONTENT_FILE).exists()
+    cp.main(["--format", "movielens", "--input", src, "--out", str(tmp_path / "again")])
+    files = sorted(p.relative_to(tmp_path / "absent") for p in (tmp_path / "absent").rglob("*") if p.is_file())
+    assert len(files) == 13 and not (tmp_path / "absent" / "train" / "creative_emb").exists()
+    for other in ("zero", "again"):
+        assert sorted(p.relative_to(tmp_path / other) for p in (tmp_path / other).rglob("*") if p.is_file()) == files
+        for p in files:
+            a, b = (tmp_path / "absent" / p).read_bytes(), (tmp_path / other / p).read_bytes()
+            if p.name == "dataset_meta.json":
+                a, b = (json.loads(x) for x in (a, b))
+                a.pop("source"), b.pop("source")
+            assert a == b, (other, p)
+
+
+def naive_content_vector(tokens_by_field, dim=cp.CONTENT_DIM):
+    """Independent recomputation: per token, bit k of SHA-256(salt + token) -> +-1, read bit by bit."""
+    import hashlib
+    v = [0.0] * dim
+    for tokens in tokens_by_field:
+        for t in tokens:
+            d = hashlib.sha256(("content-v1:" + t).encode("utf-8")).digest()
+            for k in range(dim):
+                v[k] += (1.0 if (d[k // 8] >> (k % 8)) & 1 else -1.0) / math.sqrt(len(tokens))
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def test_content_vectors_fixed_projection_independent_of_cold_seed(tmp_path, cold_src):
+    src, rows = cold_src
+    vecs = []
+    for name, seed in (("a", 0), ("b", 1)):
+        cp.convert("movielens", src, str(tmp_path / name), cold_items=0.25, seed=seed)
+        vecs.append(load_pickle(tmp_path / name / cp.CONTENT_FILE))
+    assert vecs[0] == vecs[1] and set(vecs[0]) == {r[1] for r in rows}
+    for i, v in vecs[0].items():
+        fields = []
+        if COLD_GENRES[i]:
+            fields.append([f"genre:{g}" for g in GENRES if g in COLD_GENRES[i]])
+        if COLD_YEARS[i]:
+            fields += [[f"year:{COLD_YEARS[i]}"], [f"decade:{COLD_YEARS[i] // 10 * 10}"]]
+        assert type(v) is list and len(v) == cp.CONTENT_DIM
+        assert v == pytest.approx(naive_content_vector(fields), abs=1e-6), i
+    # --content on without cold items: the same vectors, the same item re-ids, plus the decade
+    cp.convert("movielens", src, str(tmp_path / "c"), content="on")
+    cp.convert("movielens", src, str(tmp_path / "plain"))
+    assert load_pickle(tmp_path / "c" / cp.CONTENT_FILE) == vecs[0]
+    oc, op = load_out(tmp_path / "c"), load_out(tmp_path / "plain")
+    assert oc["indexer"]["i"] == op["indexer"]["i"] and "113" in oc["indexer"]["f"] and "113" not in op["indexer"]["f"]
+    assert histories(oc, "test").keys() == histories(op, "test").keys()
+
+
+def test_s3rec_attribute_content_and_movielens_tags(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "Toy.txt").write_text("1 5 6 7 5\n2 6 8 9\n3 5 6 8 9\n")
+    (d / "Toy_item2attributes.json").write_text(json.dumps({"5": [3, 1, 3], "6": [2], "7": [], "8": [1, 2]}))
+    meta = cp.convert("s3rec", str(d), str(tmp_path / "so"), content="on")
+    vecs = load_pickle(tmp_path / "so" / cp.CONTENT_FILE)
+    assert set(vecs) == {5, 6, 8} and meta["content"]["items_without_content"] == 2   # 7, 9: no attributes
+    assert vecs[5] == pytest.approx(naive_content_vector([["attr:3", "attr:1"]]), abs=1e-6)
+    assert vecs[8] == pytest.approx(naive_content_vector([["attr:1", "attr:2"]]), abs=1e-6)
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "ratings.csv").write_text("userId,movieId,rating,timestamp\n5,3,4.0,100\n5,1,2.5,90\n5,2,5.0,95\n")
+    (m / "movies.csv").write_text("movieId,title,genres\n1,Big Fish (2003),Drama|Fantasy\n2,B,(no genres listed)\n"
+                                  "3,Crime (2006),Crime\n")
+    (m / "tags.csv").write_text('userId,movieId,tag,timestamp\n5,1,"Tim  Burton",1\n6,1,tim burton,2\n'
+                                "6,1,whimsical,3\n7,2,space,4\n8,3, ,5\n")
+    meta = cp.convert("movielens", str(m), str(tmp_path / "mo"), content="on")
+    o = load_out(tmp_path / "mo")
+    f = o["indexer"]["f"]
+    assert f["126"] == {"space": 1, "tim burton": 2, "whimsical": 3} and meta["content"]["tags_file"] == "tags.csv"
+    assert o["items"]["1"]["126"] == [2, 3] and o["items"]["2"] == {"126": [1]} and "126" not in o["items"]["3"]
+    assert meta["feature_ids"]["item_array"] == ["125", "126"] and meta["feature_ids"]["item_sparse"] == ["112", "113"]
+    vecs = load_pickle(tmp_path / "mo" / cp.CONTENT_FILE)
+    assert vecs[1] == pytest.approx(naive_content_vector(
+        [["genre:Drama", "genre:Fantasy"], ["year:2003"], ["decade:2000"], ["tag:tim burton", "tag:whimsical"]]),
+        abs=1e-6)
+    assert vecs[2] == pytest.approx(naive_content_vector([["tag:space"]]), abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cold_items", "1"], "--cold_items 1.0: expected a share of the items >= 0 and < 1"),
+    (["--cold_items", "-0.1"], "--cold_items -0.1: expected"),
+    (["--cold_items", "nan"], "--cold_items nan: expected"),
+    (["--cold_items", "0.001"], "0 of the 38 items would be cold"),
+    (["--cold_items", "0.2", "--seed", "-1"], "--seed -1: expected a non-negative integer"),
+    (["--cold_items", "x"], "argument --cold_items: invalid float value"),
+    (["--content", "yes"], "argument --content: invalid choice"),
+])
+def test_bad_cold_flags_exit_2_with_one_line(tmp_path, capsys, cold_src, args, message):
+    src, _ = cold_src
+    with pytest.raises(SystemExit) as e:
+        cp.main(["--format", "movielens", "--input", src, "--out", str(tmp_path / "o")] + args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_bad_tags_file_exits_2(tmp_path, capsys):
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "ratings.csv").write_text("userId,movieId,rating,timestamp\n5,3,4.0,100\n5,1,2.5,90\n5,2,5.0,95\n")
+    (m / "movies.csv").write_text("movieId,title,genres\n1,A (2003),Drama\n2,B,Crime\n3,C,Crime\n")
+    (m / "tags.csv").write_text("userId,movieId,tag,timestamp\n5,x,good,1\n")
+    with pytest.raises(SystemExit) as e:
+        cp.main(["--format", "movielens", "--input", str(m), "--out", str(tmp_path / "o"), "--cold_items", "0.4"])
+    assert e.value.code == 2 and "tags.csv:2: movie id 'x' is not an integer" in capsys.readouterr().err
+
+
+def test_content_baseline_ranks_match_naive_loop(tmp_path, cold_src, capsys):
+    import numpy as np
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import content_baseline as cb
+    src, _ = cold_src
+    cp.convert("movielens", src, str(tmp_path / "o"), cold_items=0.25, seed=2)
+    o = load_out(tmp_path / "o")
+    vecs = load_pickle(tmp_path / "o" / cp.CONTENT_FILE)
+    cands = [p["creative_id"] for p in o["test"]["set"]]
+    gt = {g["user_id"]: g["creative_id"] for g in o["test"]["gt"]}
+    want = []
+    for u, ev in histories(o, "test").items():
+        hist = [i for i, _, _ in ev]
+        m = np.mean([vecs[i] for i in hist], axis=0)
+        score = {c: -math.inf if c in hist else float(np.dot(vecs[c], m) / np.linalg.norm(m)) for c in cands}
+        t = gt[u]
+        want.append(math.inf if score[t] == -math.inf else sum(score[c] >= score[t] for c in cands))
+    _, users = cb.read_split(str(tmp_path / "o" / "test"), o["indexer"])
+    got = cb.ranks(cands, users, {k: np.array(v, np.float64) for k, v in vecs.items()})
+    assert [len(cands) + 1 if w == math.inf else w for w in want] == got.tolist()
+    cb.main(["--data", str(tmp_path / "o")])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    hr = sum(w <= 10 for w in want) / len(want)
+    ndcg = sum(1 / math.log2(w + 1) for w in want if w <= 10) / len(want)
+    assert rows["all"] == [str(len(want)), f"{hr:.4f}", f"{ndcg:.4f}"] and hr > 0
+    rnd_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / len(cands)
+    assert rows["random"] == [f"{10 / len(cands):.4f}", f"{rnd_ndcg:.4f}"]
+    n_cold = sum(g["creative_id"] not in o["indexer"]["i"] for g in o["test"]["gt"])
+    assert rows["cold"][0] == str(n_cold) and int(rows["warm"][0]) == len(want) - n_cold
+
+
+@pytest.mark.parametrize("fmt, path, cold, candidates", [
+    ("movielens", "data/ml-100k", 336, 1682),
+    ("s3rec", "data/s3rec-Beauty/Beauty.txt", 2420, 12101),
+])
+def test_real_public_datasets_cold(tmp_path, fmt, path, cold, candidates):
+    src = SHARED / path
+    if not src.exists():
+        pytest.skip(f"{src} not present")
+    meta = cp.convert(fmt, str(src), str(tmp_path), cold_items=0.2, seed=0)
+    assert (meta["cold_items"]["items"], meta["cold_items"]["candidates"]) == (cold, candidates)
+    ix = load_pickle(tmp_path / "train/indexer.pkl")
+    assert len(ix["i"]) == candidates - cold
+    n_items = len(ix["i"])
+    for p in ("train/seq.jsonl", "valid/predict_seq.jsonl", "test/predict_seq.jsonl"):
+        assert all(0 < r[1] <= n_items for line in read_jsonl(tmp_path / p) for r in line[:-1])
+    assert len(load_pickle(tmp_path / cp.CONTENT_FILE)) == candidates
