@@ -9,8 +9,9 @@ no code runs on load.
 
 Configs carry CONFIG_VERSION. A config class may name, as class variables, the fields added since
 checkpoints were first written (LEGACY: field -> the value that reproduces the behaviour from
-before the field existed), renamed fields (RENAMED: old -> new) and removed ones (REMOVED: field ->
-the only value the code still implements), so a checkpoint written before a change still loads.
+before the field existed), renamed fields (RENAMED: old -> new), removed ones (REMOVED: field ->
+the only value the code still implements) and fields that moved to another config (MOVED: kept
+there, dropped here), so a checkpoint written before a change still loads.
 """
 import dataclasses
 import glob
@@ -22,14 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import DataConfig
-from layout import DataError, atomic_write, dump_json, read_json
+from layout import DataConfig, DataError, atomic_write, dump_json, read_json
 from model import GenerativeRecommender, ModelConfig
 from objectives import ObjectiveConfig
 
 # 1: configs without a version (model and data configs; the objective settings only in "args").
 # 2: objective_config and config_version saved.
-CONFIG_VERSION = 2
+# 3: the data's sizes and switches in data_config only (no copy in model_config); loop_config saved.
+CONFIG_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,10 +43,13 @@ def config_from_dict(cls, saved: dict, where: str):
     LEGACY value (else the default), removed fields must hold the value the code still
     implements. A field this code does not know (a newer checkpoint) is refused."""
     renamed, removed, legacy = (getattr(cls, n, {}) for n in ("RENAMED", "REMOVED", "LEGACY"))
+    moved = getattr(cls, "MOVED", ())
     if not isinstance(saved, dict):
         raise DataError(f"{where}: {cls.__name__} is a {type(saved).__name__}, expected a dict of settings")
     d = {}
     for k, v in saved.items():
+        if k in moved:
+            continue
         if k in removed:
             if v != removed[k]:
                 raise DataError(f"{where}: {cls.__name__}.{k} = {v!r}, which this version no longer implements "
@@ -194,11 +198,14 @@ def find_resume(mode: str, root: str):
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
 
-def save(root: str, model, configs: dict, args, opt, sched, st: dict, extra: dict, keep_last: int, world: int):
+def save(root: str, model, configs: dict, settings: dict, opt, sched, st: dict, extra: dict, keep_last: int,
+         world: int):
     """global_step{N}/model.pt written atomically, then meta.json last: only a folder with
     meta.json counts. Holds everything an exact resume needs. configs: {"model": ModelConfig,
-    "data": DataConfig, "objective": ObjectiveConfig}. Keeps the newest `keep_last` folders plus
-    the best by validation. Returns the folder (None on ranks other than 0)."""
+    "data": DataConfig, "objective": ObjectiveConfig, "loop": LoopConfig}; settings: the run's
+    resolved flags (config.settings), saved as "args"; st: the TrainState as a dict. Keeps the
+    newest `keep_last` folders plus the best by validation. Returns the folder (None on ranks
+    other than 0)."""
     rngs = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -208,7 +215,7 @@ def save(root: str, model, configs: dict, args, opt, sched, st: dict, extra: dic
         return None
     d = os.path.join(root, f"global_step{st['step']}")
     state = {"model": model.state_dict(), **{f"{k}_config": c.to_dict() for k, c in configs.items()},
-             "config_version": CONFIG_VERSION, "args": dict(vars(args)), "global_step": st["step"], **st,
+             "config_version": CONFIG_VERSION, "args": dict(settings), "global_step": st["step"], **st,
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs, **extra}
     with atomic_write(os.path.join(d, "model.pt"), "wb") as f:
         torch.save(state, f)
@@ -250,14 +257,15 @@ def load_state(path: str, purpose: str = "load") -> dict:
     return state
 
 
-def load_resume(path: str, model, opt, sched, model_cfg: ModelConfig, rank: int) -> dict:
+def load_resume(path: str, model, opt, sched, model_cfg: ModelConfig, data_cfg: DataConfig, rank: int) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNGs; returns the saved state. Refuses
-    a checkpoint whose model config (migrated to this version) differs from the run's."""
+    a checkpoint whose model or data config (migrated to this version) differs from the run's."""
     f = path if os.path.isfile(path) else os.path.join(path, "model.pt")
     ck = load_state(f, "resume from")
-    saved, _, _ = saved_configs(ck, f)
-    if saved != model_cfg:
-        diff = sorted(k for k, v in model_cfg.to_dict().items() if saved.to_dict()[k] != v)
+    saved_model, saved_data, _ = saved_configs(ck, f)
+    if (saved_model, saved_data) != (model_cfg, data_cfg):
+        diff = sorted(k for mine, saved in ((model_cfg, saved_model), (data_cfg, saved_data))
+                      for k, v in mine.to_dict().items() if saved.to_dict()[k] != v)
         raise DataError(f"{f}: checkpoint was trained with other settings ({', '.join(diff[:5])}); "
                         f"use another TRAIN_CKPT_PATH for a run with these flags")
     if "optimizer" not in ck:
@@ -278,7 +286,7 @@ def load_for_inference(path: str) -> tuple:
     f, why = find_for_inference(path)
     state = load_state(f)
     model_cfg, data_cfg, _ = saved_configs(state, f)
-    model = GenerativeRecommender(model_cfg)
+    model = GenerativeRecommender(model_cfg, data_cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -13,13 +13,11 @@ import errno
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
 
-from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataError, LineReader, atomic_write,
+from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataConfig, DataError, LineReader, atomic_write,
                     dump_json, file_fingerprint, iter_jsonl, load_pickle, parse_user_records, read_item_feat_dict,
                     read_json, read_offsets, same_source, show_json, with_location)
 import precompute_ctr as P
@@ -27,36 +25,8 @@ from precompute_ctr import ctr_value, load_ctr
 
 # ---------------------------------------------------------------------------------------------
 # Feature schema: derived from the data, never hard-coded, saved in every checkpoint
+# (DataConfig itself lives in layout.py: the model reads it too, and layout imports no torch)
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Everything the readers need to rebuild features; stored in the checkpoint. Frozen: a step
-    that learns something from the data returns a new one (dataclasses.replace)."""
-    maxlen: int = 100                 # item events in the input window (plus one user token)
-    max_array_len: int = 8            # array features keep at most this many values
-    use_timefeat: bool = True
-    use_userctr: bool = False
-    use_itemctr: bool = False
-    mm_emb_id: list = field(default_factory=list)
-    num_users: int = 0
-    num_items: int = 0
-    user_sparse: dict = field(default_factory=dict)   # fid -> vocab size (max re-id + 1)
-    user_array: dict = field(default_factory=dict)
-    item_sparse: dict = field(default_factory=dict)
-    item_array: dict = field(default_factory=dict)
-    mm_dims: dict = field(default_factory=dict)       # fid -> vector length
-    ctr_meta: dict = field(default_factory=dict)      # precompute_ctr's ctr_meta.json
-
-    # Fields added after checkpoints were first written, each with the value that reproduces a
-    # checkpoint written before it existed (checkpoint.config_from_dict fills them in).
-    LEGACY: ClassVar[dict] = {}
-    RENAMED: ClassVar[dict] = {}
-    REMOVED: ClassVar[dict] = {}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _scan_feats(feat_dicts, sparse, array, longest):
     """Collect fid -> max scalar value (sparse) / max list value (array)."""

@@ -20,32 +20,10 @@ import torch
 
 import checkpoint as C
 import dataset as D
-import dataset_packed as P
 import retrieval_torch as R
-from layout import (ArgumentParser, DataError, check_writable, dump_json, load_pickle, os_error, read_item_feat_dict,
-                    run_cli)
-
-# Seconds a DataLoader worker may take to deliver one batch of user sequences before the run
-# stops (a hung worker would otherwise wait forever); far above a real batch's time.
-WORKER_TIMEOUT_S = 600
-
-
-class DivergedError(DataError):
-    """The model gives NaN or inf vectors: its weights diverged in training. `what` names the
-    vectors ("user queries", "candidate vectors")."""
-
-    def __init__(self, what: str, where: str = None):
-        self.what = what
-        super().__init__(f"{where + ': ' if where else ''}the model's {what} hold NaN or inf: its training "
-                         f"diverged; train it again with a lower --lr or with --clip_norm set (main.py)")
-
-
-def check_finite(**vectors) -> None:
-    """DivergedError unless every named array is finite (one float64 sum each: no copy)."""
-    for what, v in vectors.items():
-        if v.size and not np.isfinite(np.sum(v, dtype=np.float64)):
-            raise DivergedError(what.replace("_", " "))
-
+from layout import ArgumentParser, DataError, check_writable, dump_json, load_pickle, os_error, read_item_feat_dict, run_cli
+from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_finite, embed_rows,  # noqa: F401
+                        embed_users, evaluate_folder, export, history_exclude, holdout_metrics, top_k_ids)
 
 class OutputSet:
     """Output files published together: each is written under a temporary name in `folder`, and
@@ -110,9 +88,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def get_args(argv=None):
-    """Inference options; `infer()` reads them from sys.argv too (harness-style calls pass none)."""
-    args, _ = parser().parse_known_args(argv)
+def get_args(argv=()):
+    """Inference options from `argv` (a list; infer() from a harness passes none). A flag this
+    script does not know, such as a training flag of the seed's commands, is ignored with a
+    one-line notice: the model's settings come from its checkpoint."""
+    args, unknown = parser().parse_known_args(list(argv))
+    flags = [t.split("=", 1)[0] for t in unknown if t.startswith("-")]
+    if flags:
+        print(f"notice: infer.py ignores {', '.join(flags)}: not an inference flag (the model's settings come from "
+              f"its checkpoint; python infer.py --help lists the inference flags)", file=sys.stderr, flush=True)
     return args
 
 
@@ -169,18 +153,11 @@ def load_model(ckpt: str, device: torch.device, verbose: bool = False, info: dic
         print(f"checkpoint: {path} ({meta['why']})", flush=True)
     force = os.environ.get("FORCE_USE_TIMEFEAT")
     if force is not None and bool(int(force)) != data_cfg.use_timefeat:
-        if bool(int(force)) and not model.cfg.use_timefeat:
+        if bool(int(force)):
             raise DataError(f"{path}: FORCE_USE_TIMEFEAT=1 but the checkpoint was trained without time features")
-        data_cfg = dataclasses.replace(data_cfg, use_timefeat=bool(int(force)))
-        model.cfg = dataclasses.replace(model.cfg, use_timefeat=bool(int(force)))
+        data_cfg = dataclasses.replace(data_cfg, use_timefeat=False)
+        model.data = data_cfg
     return model.to(device), data_cfg, path
-
-
-def _artifact_dir(name, *dirs):
-    for d in dirs:
-        if d and os.path.exists(os.path.join(d, name)):
-            return d
-    raise DataError(f"{name}: not found in any of {', '.join(d for d in dirs if d)}")
 
 
 def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_dir: str) -> tuple:
@@ -196,88 +173,6 @@ def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_
                     if d and os.path.isdir(os.path.join(d, "creative_emb"))), None)
     table = D.ItemTable(data_cfg, indexer, item_feat_dict, emb_dir, cache_dir, item_ctr)
     return table, D.SequenceBuilder(data_cfg, table, indexer.get("u", {})), indexer
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-@torch.no_grad()
-def embed_rows(model, table: D.ItemTable, rows: np.ndarray, device, chunk: int = 4096) -> np.ndarray:
-    """Item vectors [N, d] of item-table rows, as scored, written into one preallocated array."""
-    out, n = np.empty((len(rows), model.cfg.hidden_units), np.float32), 0
-    for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, chunk), batch_size=None):
-        with autocast(device):
-            v = model.item_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
-        out[n:n + len(v)], n = v, n + len(v)
-    return out
-
-
-def _no_hang(loader, num_workers: int):
-    """Iterate a DataLoader; its timeout (a worker that sent no batch in time) as one line."""
-    try:
-        yield from loader
-    except RuntimeError as e:
-        if "DataLoader timed out" not in str(e):
-            raise
-        raise DataError(f"--num_workers {num_workers}: no batch from the DataLoader workers in {loader.timeout:g} s "
-                        f"(a worker hung or is starved); run again, or with --num_workers 0") from None
-
-
-@torch.no_grad()
-def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, num_workers: int = 0,
-                keep=("_user", "_history", "_target")) -> tuple:
-    """Queries [U, d] of a dataset of user samples (newest position, asking for a click), and the
-    per-sample extras named in `keep`, each a list in dataset order (the rest are dropped)."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=P.PackedCollate(table),
-                                         timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
-    queries, n, extras = np.empty((len(ds), model.cfg.hidden_units), np.float32), 0, {}
-    for b in _no_hang(loader, num_workers):
-        for k in [k for k in b if k.startswith("_")]:
-            v = b.pop(k)
-            if k in keep:
-                extras.setdefault(k, []).extend(v)
-        with autocast(device):
-            v = model.user_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
-        queries[n:n + len(v)], n = v, n + len(v)
-    return queries, extras
-
-
-@torch.no_grad()
-def export(model, table: D.ItemTable, builder: D.SequenceBuilder, indexer: dict, eval_dir: str, device, args,
-           verbose: bool = False, history: bool = True) -> tuple:
-    """-> users (raw ids), queries [U, d], per-user history candidate rows (None unless
-    `history`), candidate creative ids, retrieval ids, candidate vectors [N, d].
-
-    Memory is the outputs plus one batch: vectors are written into preallocated arrays, and
-    candidates already in the item table keep no feature dict."""
-    t0 = time.time()
-    cids, rids, feats = P.read_candidates(eval_dir, table.row_of_cid)
-    rows = table.extend(cids.tolist(), feats)
-    del feats
-    cand = embed_rows(model, table, rows, device, args.cand_batch_size)
-    check_finite(candidate_vectors=cand)
-    t1 = time.time()
-    raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
-    ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)
-    queries, extras = embed_users(model, ds, table, device, args.batch_size, args.num_workers,
-                                  ("_user", "_history") if history else ("_user",))
-    check_finite(user_queries=queries)
-    users = extras["_user"]
-    hist = [np.unique(x).astype(np.int32) for x in extras["_history"]] if history else None
-    if verbose:
-        t2 = time.time()
-        print(f"candidates: {len(cids)} in {t1 - t0:.1f}s ({len(cids) / max(t1 - t0, 1e-9):.0f}/s); "
-              f"users: {len(users)} in {t2 - t1:.1f}s ({len(users) / max(t2 - t1, 1e-9):.0f}/s)", flush=True)
-    return users, queries, hist, cids, rids, cand, rows
-
-
-def history_exclude(hist: list, cand_rows: np.ndarray) -> list:
-    """Candidate indices of each user's history items (for --mask_history / full ranking)."""
-    pos = {int(r): i for i, r in enumerate(cand_rows) if r > 0}
-    return [np.array(sorted({pos[r] for r in h.tolist() if r in pos}), np.int64) for h in hist]
 
 
 def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_dir: str = None,
@@ -308,8 +203,8 @@ def _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs: Output
               flush=True)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
     try:
-        users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args,
-                                                     verbose=True, history=mask)
+        users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args.batch_size,
+                                                     args.cand_batch_size, args.num_workers, verbose=True, history=mask)
     except DivergedError as e:
         raise DivergedError(e.what, path) from None
     os.makedirs(result_dir, exist_ok=True)
@@ -322,17 +217,11 @@ def _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs: Output
     return top_k_ids(q, c, cids, args.top_k, exclude, backend=args.retrieval_backend, device=device), users
 
 
-def top_k_ids(q: np.ndarray, c: np.ndarray, cids: np.ndarray, k: int, exclude, **search_kw) -> list:
-    """Each query's top-k creative ids (candidates in `exclude` never returned)."""
-    _, idx = R.search(q, c, min(k, len(cids)), exclude=exclude, **search_kw)
-    # a slot no unmasked candidate can fill comes back as -1: leave it out rather than invent one
-    return [[int(cids[j]) for j in row if j >= 0] for row in np.asarray(idx)]
-
-
-def infer(outputs: OutputSet = None) -> tuple:
-    """Harness entry point: environment-driven, returns (top10s, user_list). The files it writes
-    are published together when it returns (or, given `outputs`, staged there for the caller)."""
-    args = get_args(sys.argv[1:])
+def infer(outputs: OutputSet = None, argv=()) -> tuple:
+    """Harness entry point: environment-driven, returns (top10s, user_list). Options come from
+    `argv` only, never from the calling program's command line. The files it writes are
+    published together when it returns (or, given `outputs`, staged there for the caller)."""
+    args = get_args(argv)
     check_args(args)
     eval_dir = os.environ.get("EVAL_DATA_PATH", "data/demo/eval")
     result_dir = os.environ.get("EVAL_RESULT_PATH", "runs/result")
@@ -345,78 +234,14 @@ def infer(outputs: OutputSet = None) -> tuple:
     return top, users
 
 
-MISS = np.iinfo(np.int64).max        # the rank of a target that cannot be retrieved
-
-
-def target_ranks(q: np.ndarray, c: np.ndarray, target: np.ndarray, exclude: list = None) -> np.ndarray:
-    """1-based full-ranking rank of each user's target (ties against it). With `exclude` (each
-    user's masked candidates, as inference masks them) a target among them is lost: MISS."""
-    ranks = R.target_ranks(q, c, target, exclude=exclude).numpy()
-    if exclude is not None:
-        ranks[np.array([t in e for t, e in zip(target.tolist(), exclude)], bool)] = MISS
-    return ranks
-
-
-def _by_mask(q, c, target, exclude, mask_history, ks, missing=0) -> dict:
-    """Metrics with the history masked (True), not masked (False) or both ({"plain", "masked"});
-    `missing` more users count as misses."""
-    import evaluate as E
-
-    def metrics(excl):
-        return E.metrics_from_ranks(np.concatenate([target_ranks(q, c, target, excl), np.full(missing, MISS)]), ks)
-    if mask_history is None:
-        return {"plain": metrics(None), "masked": metrics(exclude)}
-    return metrics(exclude if mask_history else None)
-
-
-@torch.no_grad()
-def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir: str, train_dir: str, device,
-                    mask_history=True, ks=(10, 50, 200), top_k: int = 0):
-    """Full-ranking metrics on an eval-layout folder with ground_truth.jsonl (validation/test):
-    every candidate is ranked, ties counted against the target, the user's input history masked
-    (mask_history True, the benchmark protocol: a target in the history is then lost, as at
-    inference), not masked (False) or both (None: {"plain", "masked"}). With top_k > 0, returns
-    (metrics, users, each user's top-k creative ids) from the same vectors, masked as asked."""
-    import evaluate as E
-    was_training = model.training
-    model.eval()
-    indexer = load_pickle(os.path.join(_artifact_dir("indexer.pkl", eval_dir, train_dir), "indexer.pkl"))
-    builder = D.SequenceBuilder(data_cfg, table, indexer.get("u", {}))
-    args = argparse.Namespace(batch_size=256, cand_batch_size=4096, num_workers=0)
-    users, q, hist, cids, _, c, rows = export(model, table, builder, indexer, eval_dir, device, args)
-    model.train(was_training)
-    gt = E.read_ground_truth(os.path.join(eval_dir, "ground_truth.jsonl"))
-    col = {int(ci): i for i, ci in enumerate(cids.tolist())}
-    keep = [i for i, u in enumerate(users) if u in gt and int(gt[u]) in col]
-    target = np.array([col[int(gt[users[i]])] for i in keep], np.int64)
-    masked = history_exclude(hist, rows)
-    m = _by_mask(q[keep], c, target, [masked[i] for i in keep], mask_history, ks, len(gt) - len(keep))
-    return (m, users, top_k_ids(q, c, cids, top_k, masked if mask_history else None)) if top_k else m
-
-
-@torch.no_grad()
-def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(10, 50, 200)) -> dict:
-    """Full-ranking metrics on the validation slice held out of the training users
-    (dataset_packed.HoldoutDataset): every catalogue item is ranked, ties count against the
-    target. Scored as inference could run: {"plain": metrics, "masked": metrics with the user's
-    history masked, a target the user saw before then lost}."""
-    was_training = model.training
-    model.eval()
-    c = embed_rows(model, table, np.arange(1, num_items + 1), device)
-    q, ex = embed_users(model, ds, table, device, keep=("_history", "_target"))
-    model.train(was_training)
-    check_finite(candidate_vectors=c, user_queries=q)
-    target = np.asarray(ex["_target"], np.int64) - 1                     # row r is candidate r - 1
-    return _by_mask(q, c, target, [np.unique(h[h > 0]) - 1 for h in ex["_history"]], None, ks)
-
-
-def main():
-    args = get_args()
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_known_args(argv)[0]
     t0 = time.time()
     result_dir = os.environ.get("EVAL_RESULT_PATH", "runs/result")
     outputs = OutputSet(result_dir)         # result.json is published with the other outputs, or none is
     try:
-        top10s, users = infer(outputs)
+        top10s, users = infer(outputs, argv)
         outputs.write("result.json", lambda p: dump_json(
             {"time": round(time.time() - t0, 3), "top10s": top10s, "user": users}, p))
         outputs.publish()

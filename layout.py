@@ -15,6 +15,8 @@ import os
 import pickle
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,6 +33,38 @@ TIME_VOCAB = {"hour": 25, "weekday": 8, "week": 54, "gap_bucket": GAP_BUCKETS}
 # Largest id the readers accept: ids are stored as int64.
 MAX_ID = 2**63 - 1
 RECORD_LAYOUT = "[user_id, item_id, user_feat, item_feat, action_type, timestamp]"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data's schema and feature switches: everything the readers need to rebuild features and
+    the model needs to size its tables (the one home of these settings, shared by dataset.py and
+    model.py); stored in the checkpoint. Frozen: a step that learns something from the data
+    returns a new one (dataclasses.replace)."""
+    maxlen: int = 100                 # item events in the input window (plus one user token)
+    max_array_len: int = 8            # array features keep at most this many values
+    use_timefeat: bool = True
+    use_userctr: bool = False
+    use_itemctr: bool = False
+    mm_emb_id: list = field(default_factory=list)
+    num_users: int = 0
+    num_items: int = 0
+    user_sparse: dict = field(default_factory=dict)   # fid -> vocab size (max re-id + 1)
+    user_array: dict = field(default_factory=dict)
+    item_sparse: dict = field(default_factory=dict)
+    item_array: dict = field(default_factory=dict)
+    mm_dims: dict = field(default_factory=dict)       # fid -> vector length
+    ctr_meta: dict = field(default_factory=dict)      # precompute_ctr's ctr_meta.json
+
+    # Fields added after checkpoints were first written, each with the value that reproduces a
+    # checkpoint written before it existed (checkpoint.config_from_dict fills them in).
+    LEGACY: ClassVar[dict] = {}
+    RENAMED: ClassVar[dict] = {}
+    REMOVED: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 
 class DataError(Exception):

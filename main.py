@@ -25,11 +25,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as C
-import dataset_packed as P
+import config as CF
 import retrieval_torch as R
-from layout import PAD, ArgumentParser, DataError, run_cli
-from objectives import HardNegativeCache
-from training import Setup, build_training, id_dropout_at, seed_everything
+import validation as V
+from layout import PAD, ArgumentParser, DataError, atomic_write, run_cli
+from training import RunConfig, Setup, TrainState, build_training, id_dropout_at, seed_everything
 
 
 def str2bool(v):
@@ -42,22 +42,21 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {v!r}")
 
 
-# The seed solution's full-size recommended model and schedule, for TencentGR-1M-sized data
-# (--preset taac1m); flags given on the command line still win.
-PRESETS = {"taac1m": dict(dqk=32, dv=64, num_blocks=10, num_heads=8, dropout_rate=0.2, batch_size=64, lr=0.002,
-                          warmup_steps=2666, gradient_accumulation_steps=4, clip_norm=1.0, temperature=0.03,
-                          num_epochs=8, pin_memory=True)}
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="taac1m: the seed solution's full-size flags (10 HSTU blocks, 8 heads, batch 64 x 4, lr 2e-3, "
-                        "temperature 0.03, 8 epochs) as defaults, for TencentGR-1M-sized data; other flags still win")
+    p.add_argument("--config", action="append", default=[],
+                   help="a TOML config file, or the name of one in configs/ (demo, taac1m, seed, s3rec, movielens); "
+                        "repeatable, later files win, flags on the command line win over every file (config.py)")
+    p.add_argument("--preset", default=None,
+                   help="a config in configs/ by name, applied before any --config: taac1m is the seed solution's "
+                        "full-size model and schedule (10 HSTU blocks, 8 heads, batch 64 x 4, 8 epochs) for "
+                        "TencentGR-1M-sized data")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved configuration as a config file and exit")
 
-    def flag(name, default, help):
-        p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help + f" (default {default})")
+    def flag(name, default, help):      # a switch in the current group g: true/false, bare = true
+        g.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help + f" (default {default})")
 
     g = p.add_argument_group("data")
     g.add_argument("--maxlen", type=int, default=100, help="item events in the input window (one user token is added)")
@@ -77,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
                         "before it, and neither that click nor what follows trains; 0 = no validation")
     g.add_argument("--valid_seed", type=int, default=0, help="seed of the held-out users' sample (the same for every --seed)")
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    g.add_argument("--prefetch_factor", type=int, default=2, help="batches each DataLoader worker prepares ahead")
     flag("--length_bucketing", False, "batch users of similar sequence length together (sorted within runs of 64 "
          "batches, then shuffled) so the padding they share is dropped: faster epochs, but slower learning per "
          "epoch on Beauty (valid HR@10 0.094 vs 0.103 at epoch 10); 0 = plain shuffle")
@@ -103,12 +103,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--hstu_attn", choices=["softmax", "silu"], default="softmax",
                    help="HSTU attention: softmax via SDPA, or the paper's pointwise SiLU / #keys")
     flag("--use_rope", False, "rotary position embedding on queries and keys")
+    g.add_argument("--rope_theta", type=float, default=10000.0, help="RoPE base")
+    g.add_argument("--rope_dim", type=int, default=0,
+                   help="RoPE on the first N dims of each head's queries and keys (even; 0 = all of them)")
     flag("--use_rel_bias", False, "learned relative position and time-gap attention biases")
     g.add_argument("--rel_pos_buckets", type=int, default=32, help="relative position buckets")
     g.add_argument("--rel_time_buckets", type=int, default=32, help="log2 time-gap buckets")
     flag("--use_abs_pos", True, "learned absolute position embedding (from the window start)")
     flag("--use_senet", False, "squeeze-and-excitation gates over feature blocks (user and item sides)")
+    g.add_argument("--senet_reduction", type=int, default=2, help="SENet bottleneck: feature blocks // this")
     flag("--use_user_id", True, "user-id embedding in the user token (off: the token carries user features only)")
+    flag("--use_item_id", True, "item-id row in the item tower (off: items are their features only; not with "
+         "--item_tower id)")
     g.add_argument("--item_tower", choices=["mlp", "add", "id"], default="add",
                    help="item vectors: mlp = an MLP over the id row and every feature block; add = a plain id row "
                         "plus that MLP over the features; id = the plain id row only (SASRec)")
@@ -120,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     flag("--hstu_ffn", False, "a point-wise feed-forward sub-layer (norm, 2 layers, residual) after each HSTU attention")
     flag("--action_cond", False, "tell the encoder the next action (click at inference)")
     flag("--grad_checkpoint", False, "recompute encoder blocks in the backward pass to save memory")
-    p.add_argument("--first_epoch_id_item_dropout", type=float, nargs="?", const=0.5, default=0.0,
+    g.add_argument("--first_epoch_id_item_dropout", type=float, nargs="?", const=0.5, default=0.0,
                    help="drop user/item id embeddings with this rate in epoch 1, cosine-annealed to 0 by its "
                         "end (bare flag: 0.5; default off)")
 
@@ -135,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--nce_weight_scheme", choices=["none", "fixed", "cb", "focal"], default="none",
                    help="per-target weights: fixed click/exposure, class-balanced, or focal")
     g.add_argument("--click_weight", type=float, default=2.0, help="weight of click targets for 'fixed'")
+    g.add_argument("--expo_weight", type=float, default=1.0, help="weight of exposure targets for 'fixed'")
+    g.add_argument("--weight_cap", type=float, default=0.0,
+                   help="'cb': the larger class weight at most this times the smaller (0 = no cap)")
     g.add_argument("--focal_gamma", type=float, default=2.0, help="focal exponent")
     flag("--two_tau", False, "temperature by the target's action (--tau_click, --tau_expo)")
     g.add_argument("--tau_click", type=float, default=0.03, help="temperature for click targets")
@@ -144,6 +153,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--rankloss_mode", choices=["pairwise", "listwise"], default="listwise",
                    help="pairwise: BPR over ordered pairs; listwise: softmax cross-entropy with graded targets")
     g.add_argument("--lambda_rank", type=float, default=0.5, help="weight of the rank loss")
+    g.add_argument("--rankloss_tau", type=float, default=0.0,
+                   help="temperature of the rank loss's scores (0 = the InfoNCE temperature)")
+    g.add_argument("--rankloss_weights", type=CF.rank_weights, default="",
+                   help="pairwise rank loss: pair weights by the higher item's level, positive, clicked, exposed, "
+                        "random, e.g. 1.0,0.6,0.4,0.2 (default: all 1)")
     flag("--rank_pkg_as_neg", False, "package items also serve as per-target hard negatives in InfoNCE")
 
     flag("--use_hard_neg", False, "per-user hard negatives from a cache refreshed during training "
@@ -186,15 +200,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_last_ckpts", type=int, default=3, help="keep the newest K checkpoints (+ the best); 0 keeps all")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="stop after this many optimizer steps in a row with a non-finite loss (each is skipped)")
+    CF.add_seed_flags(p)
     return p
 
 
 def get_args(argv=None):
-    p = parser()
-    preset = p.parse_known_args(argv)[0].preset
-    if preset:
-        p.set_defaults(**PRESETS[preset])
-    return p.parse_args(argv)
+    """Flags with --preset / --config files applied (config.parse); argv None = sys.argv[1:]."""
+    return CF.parse(parser(), sys.argv[1:] if argv is None else list(argv))
 
 
 # Flag ranges, checked before any work (check_args): name -> (lowest, highest, inclusive lowest)
@@ -203,7 +215,7 @@ _INT_MIN = {"maxlen": 1, "hidden_units": 1, "num_blocks": 1, "num_heads": 1, "dq
             "hard_neg_k": 1, "hard_neg_pool": 1, "hard_neg_refresh": 1, "in_batch_max": 1, "max_nonfinite_steps": 1,
             "valid_users": 0, "num_workers": 0, "feat_dim": 0, "warmup_steps": 0, "max_steps": 0, "eval_every": 0,
             "patience": 0, "ckpt_every_steps": 0, "keep_last_ckpts": 0, "num_neg": -1, "num_epochs": 1,
-            "limit_users": 1, "seed": 0, "valid_seed": 0}
+            "limit_users": 1, "seed": 0, "valid_seed": 0, "senet_reduction": 1, "rope_dim": 0, "prefetch_factor": 1}
 # Upper bounds: far above any real run, low enough that a typo (an extra zero, 2**63) is a one-line
 # error naming the flag instead of an allocation failure or an overflow deep in torch or numpy.
 # Every other int flag (step and epoch counts, --patience, ...) stops at _INT_CAP.
@@ -217,7 +229,9 @@ _FLOAT_RANGE = {"lr": (0, None, False), "temperature": (0, None, False), "tau_cl
                 "tau_expo": (0, None, False), "emb_init_std": (0, None, False), "click_weight": (0, None, False),
                 "weight_decay": (0, None, True), "clip_norm": (0, None, True), "focal_gamma": (0, None, True),
                 "lambda_rank": (0, None, True), "dropout_rate": (0, 1, True), "attn_dropout": (0, 1, True),
-                "first_epoch_id_item_dropout": (0, 1, True), "plateau_factor": (0, 1, False)}
+                "first_epoch_id_item_dropout": (0, 1, True), "plateau_factor": (0, 1, False),
+                "rope_theta": (1, None, False), "expo_weight": (0, None, True), "weight_cap": (0, None, True),
+                "rankloss_tau": (0, None, True)}
 
 
 def check_args(args) -> None:
@@ -244,6 +258,14 @@ def check_args(args) -> None:
         bad("num_neg", 0, "negatives to train against: --num_neg > 0 or -1, or --in_batch_neg 1")
     if args.mm_emb_id and args.mm_emb_id != ["none"] and not all(str(x).isdigit() for x in args.mm_emb_id):
         bad("mm_emb_id", " ".join(map(str, args.mm_emb_id)), "feature ids such as 81 82, or none")
+    if not args.use_item_id and args.item_tower == "id":
+        bad("use_item_id", 0, "an item tower with features (--item_tower add or mlp): with --item_tower id the id "
+            "row is all there is")
+    if args.use_rope and args.rope_dim:
+        width = args.dqk if args.encoder_type == "hstu" else args.hidden_units // args.num_heads
+        if args.rope_dim % 2 or args.rope_dim > width:
+            bad("rope_dim", args.rope_dim, f"an even number <= the per-head query/key width ({width})")
+    CF.check_seed_actions(args)
     if args.device is not None:
         R.parse_device(args.device)
 
@@ -291,7 +313,7 @@ _OOM_SIGNS = ("not enough memory", "DefaultCPUAllocator", "out of memory", "can'
               "Cannot allocate memory")
 
 
-def out_of_memory(e: BaseException, when: str, args):
+def out_of_memory(e: BaseException, when: str, cfg: RunConfig):
     """A TrainingError for an allocation failure `e` (MemoryError, or torch's RuntimeError) that
     names the flags that size memory; None for any other error."""
     text = str(e).strip()
@@ -300,32 +322,33 @@ def out_of_memory(e: BaseException, when: str, args):
     lines = text.splitlines()
     why = next((ln.strip() for ln in reversed(lines) if any(s in ln for s in _OOM_SIGNS)), lines[0] if lines else "")
     why = why.split("DefaultCPUAllocator: ", 1)[-1][:200] or type(e).__name__
-    return TrainingError(f"out of memory {when} ({why}); lower --batch_size ({args.batch_size}), --maxlen "
-                         f"({args.maxlen}) or --hidden_units ({args.hidden_units})")
+    return TrainingError(f"out of memory {when} ({why}); lower --batch_size ({cfg.loop.batch_size}), --maxlen "
+                         f"({cfg.data.maxlen}) or --hidden_units ({cfg.model.hidden_units})")
 
 
 @contextlib.contextmanager
-def oom_context(when: str, args):
+def oom_context(when: str, cfg: RunConfig):
     """An allocation failure inside the block becomes out_of_memory's one line."""
     try:
         yield
     except (MemoryError, RuntimeError) as e:
-        err = out_of_memory(e, when, args)
+        err = out_of_memory(e, when, cfg)
         if err is None:
             raise
         raise err from None
 
 
-def oom_guard(steps, args):
+def oom_guard(steps, cfg: RunConfig):
     """train_steps, with an allocation failure inside a step as out_of_memory's one line."""
-    with oom_context("in a training step", args):
+    with oom_context("in a training step", cfg):
         yield from steps
 
 
-def diverged_hint(args) -> str:
+def diverged_hint(cfg: RunConfig) -> str:
     """What to change when the run diverged (NaN or inf losses or vectors)."""
-    clip = "set --clip_norm (e.g. 1.0; now off)" if not args.clip_norm else f"--clip_norm (now {args.clip_norm:g})"
-    return f"lower --lr (now {args.lr:g}) or {clip}"
+    lr, clip_norm = cfg.loop.lr, cfg.loop.clip_norm
+    clip = "set --clip_norm (e.g. 1.0; now off)" if not clip_norm else f"--clip_norm (now {clip_norm:g})"
+    return f"lower --lr (now {lr:g}) or {clip}"
 
 
 class StopFlag:
@@ -338,13 +361,6 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
-
-
-def resolve_ctr_flags(args):
-    """--use_userctr / --use_itemctr default to --use_ctr."""
-    args.use_userctr = args.use_ctr if args.use_userctr is None else args.use_userctr
-    args.use_itemctr = args.use_ctr if args.use_itemctr is None else args.use_itemctr
-    return args
 
 
 class RunLog:
@@ -390,76 +406,70 @@ class Window:
                 "samples_per_s": round(self.samples / dt, 1), "tokens_per_s": round(self.tokens / dt, 1)}
 
 
-def train_steps(s: Setup, st: dict, log: RunLog, hardneg, t0: float):
+def train_steps(s: Setup, st: TrainState, log: RunLog, t0: float):
     """Optimizer steps, epoch after epoch, until the epoch budget; yields after each one whether it
-    ended an epoch (st then already counts that epoch). Resumes mid-epoch from st["micro"]."""
-    a, master = s.args, s.rank == 0
-    while st["epoch"] < s.epochs:
-        epoch = st["epoch"]
-        s.sampler.set_epoch(epoch, st["micro"] * a.batch_size)
+    ended an epoch (st then already counts that epoch). Resumes mid-epoch from st.micro."""
+    a, b, master = s.cfg.loop, s.budget, s.rank == 0
+    while st.epoch < b.epochs:
+        epoch = st.epoch
+        s.sampler.set_epoch(epoch, st.micro * a.batch_size)
         s.ds.epoch = epoch                 # workers are forked per epoch and see it
         s.trainer.train()
-        bar = tqdm(s.loader, desc=f"epoch {epoch + 1}/{s.epochs}", initial=st["micro"], total=s.batches_per_epoch,
+        bar = tqdm(s.loader, desc=f"epoch {epoch + 1}/{b.epochs}", initial=st.micro, total=b.batches_per_epoch,
                    disable=not (master and sys.stderr.isatty()))
         win, window_ok = Window(), True
         for batch in bar:
-            s.model.set_id_dropout(id_dropout_at(a.first_epoch_id_item_dropout, epoch, st["micro"] / s.batches_per_epoch))
-            if a.num_neg:
-                batch.update(s.full_negs or P.sample_negatives(s.table, a.num_neg, s.data_cfg.num_items))
-            if hardneg is not None and hardneg.items:
-                rows = hardneg.lookup(batch["user_id"].numpy())
-                batch.update(s.table.gather(rows.reshape(-1), "hard_"))
-                batch["hard_row"] = torch.from_numpy(rows)
+            s.model.set_id_dropout(id_dropout_at(a.first_epoch_id_item_dropout, epoch, st.micro / b.batches_per_epoch))
+            s.negatives.add(batch)
             user_items = batch.pop("_items", None)
             log_skipped(s, batch.pop("_skipped", []))
             batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
             with autocast(s.device):
                 loss, parts, last_q = s.trainer(batch)
-            if hardneg is not None:
-                if hardneg.pool_vecs is None or st["step"] % a.hard_neg_refresh == 0 and st["micro"] % a.gradient_accumulation_steps == 0:
-                    hardneg.refresh_pool(s.model, s.table, s.data_cfg.num_items, s.device)
-                hardneg.update(batch["user_id"], last_q, user_items)
+            s.negatives.update(s.model, batch["user_id"], last_q, user_items,
+                               st.step % s.cfg.objective.hard_neg_refresh == 0
+                               and st.micro % a.gradient_accumulation_steps == 0)
             finite = bool(torch.isfinite(loss))
             if finite:
                 (loss / a.gradient_accumulation_steps).backward()
                 win.add(loss, parts, len(batch["user_id"]), int((batch["token_type"] != PAD).sum()))
             window_ok &= finite
-            st["micro"] += 1
-            if st["micro"] % a.gradient_accumulation_steps and st["micro"] != s.batches_per_epoch:
+            st.micro += 1
+            if st.micro % a.gradient_accumulation_steps and st.micro != b.batches_per_epoch:
                 continue
             if not window_ok:
                 # a non-finite loss skips the whole optimizer step; too many in a row stop the run
                 s.opt.zero_grad(set_to_none=True)
-                st["nonfinite"] += 1
+                st.nonfinite += 1
                 window_ok = True
-                if st["nonfinite"] >= a.max_nonfinite_steps:
-                    raise TrainingError(f"the run diverged: stopped at step {st['step'] + 1}, {st['nonfinite']} "
-                                        f"optimizer steps in a row had a NaN or inf loss; {diverged_hint(a)}, "
+                if st.nonfinite >= a.max_nonfinite_steps:
+                    raise TrainingError(f"the run diverged: stopped at step {st.step + 1}, {st.nonfinite} "
+                                        f"optimizer steps in a row had a NaN or inf loss; {diverged_hint(s.cfg)}, "
                                         f"or check the data")
                 continue
-            st["nonfinite"] = 0
+            st.nonfinite = 0
             gnorm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), a.clip_norm) if a.clip_norm > 0 else torch.tensor(0.0)
             s.opt.step()
             s.sched.step()
             s.opt.zero_grad(set_to_none=True)
-            st["step"] += 1
-            if master and win.n and (st["step"] % a.log_every == 0 or st["micro"] == s.batches_per_epoch):
-                rec = {"step": st["step"], "epoch": epoch + 1, **win.summary(), "lr": s.sched.get_last_lr()[0],
+            st.step += 1
+            if master and win.n and (st.step % a.log_every == 0 or st.micro == b.batches_per_epoch):
+                rec = {"step": st.step, "epoch": epoch + 1, **win.summary(), "lr": s.sched.get_last_lr()[0],
                        "grad_norm": float(gnorm), "id_dropout": s.model.item_tower.id_dropout,
                        "elapsed_s": round(time.time() - t0, 1)}
                 log.record(rec, {f"train/{k}": rec[k] for k in rec if k.startswith("loss") or k in
-                                 ("lr", "grad_norm", "id_dropout", "samples_per_s", "tokens_per_s")}, st["step"])
+                                 ("lr", "grad_norm", "id_dropout", "samples_per_s", "tokens_per_s")}, st.step)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 win = Window()
-            end = st["micro"] == s.batches_per_epoch
+            end = st.micro == b.batches_per_epoch
             if end:
-                st["epoch"], st["micro"] = epoch + 1, 0
+                st.epoch, st.micro = epoch + 1, 0
             yield end
             if end:
                 break
         bar.close()
-        if st["epoch"] == epoch:        # the epoch's last window was skipped (non-finite): it still ends
-            st["epoch"], st["micro"] = epoch + 1, 0
+        if st.epoch == epoch:        # the epoch's last window was skipped (non-finite): it still ends
+            st.epoch, st.micro = epoch + 1, 0
             yield True
 
 
@@ -478,41 +488,40 @@ def log_skipped(s: Setup, messages: list) -> None:
                     f.write(msg + "\n")
 
 
-def validate(s: Setup, st: dict, log: RunLog) -> tuple:
+def validate(s: Setup, st: TrainState, log: RunLog) -> tuple:
     """Full-ranking metrics on the validation folder or the held-out users, scored with and without
     each user's history masked: the better one counts, and is what infer.py --mask_history auto
     applies. Updates the best step and the patience count; returns (metrics, history masked)."""
-    from infer import DivergedError, evaluate_folder, holdout_metrics
     try:
         if s.holdout is not None:
-            both = holdout_metrics(s.model, s.table, s.holdout, s.data_cfg.num_items, s.device)
+            both = V.holdout_metrics(s.model, s.table, s.holdout, s.cfg.data.num_items, s.device)
         else:
-            both = evaluate_folder(s.model, s.data_cfg, s.table, s.valid_dir, s.paths["data"], s.device,
-                                   mask_history=None)
-    except DivergedError as e:
-        raise TrainingError(f"the run diverged: at step {st['step']} the model's {e.what} hold NaN or inf "
-                            f"(validation); {diverged_hint(s.args)}") from None
+            both = V.evaluate_folder(s.model, s.cfg.data, s.table, s.valid_dir, s.paths["data"], s.device,
+                                     mask_history=None)
+    except V.DivergedError as e:
+        raise TrainingError(f"the run diverged: at step {st.step} the model's {e.what} hold NaN or inf "
+                            f"(validation); {diverged_hint(s.cfg)}") from None
     except (MemoryError, RuntimeError) as e:
-        err = out_of_memory(e, "in validation", s.args)
+        err = out_of_memory(e, "in validation", s.cfg)
         if err is None:
             raise
         raise err from None
     mask = both["masked"]["NDCG@10"] > both["plain"]["NDCG@10"]
     m = both["masked" if mask else "plain"]
-    log.record({"step": st["step"], "epoch": st["epoch"] + (st["micro"] > 0), "mask_history": mask,
-                **{f"valid_{k}": v for k, v in m.items()}}, {f"valid/{k}": v for k, v in m.items()}, st["step"])
-    if st["best"] is None or m["NDCG@10"] > st["best"][1]:
-        st["best"], st["bad_evals"] = [st["step"], m["NDCG@10"], mask], 0
+    log.record({"step": st.step, "epoch": st.epoch + (st.micro > 0), "mask_history": mask,
+                **{f"valid_{k}": v for k, v in m.items()}}, {f"valid/{k}": v for k, v in m.items()}, st.step)
+    if st.best is None or m["NDCG@10"] > st.best[1]:
+        st.best, st.bad_evals = [st.step, m["NDCG@10"], mask], 0
     else:
-        st["bad_evals"] += 1
+        st.bad_evals += 1
     return m, mask
 
 
-def setup_process(args):
+def setup_process(loop):
     """(rank, world, device) from torchrun's environment; seeds every RNG."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(loop.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if ddp:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -526,25 +535,25 @@ def setup_process(args):
         # differed by up to 6e-7 between two runs); their deterministic versions cost no
         # measurable time here, so the same command gives the same weights bit for bit
         torch.use_deterministic_algorithms(True)
-    seed_everything(args.seed + rank)
+    seed_everything(loop.seed + rank)
     return rank, world, device
 
 
-def resume_state(s: Setup, st: dict, say) -> tuple:
+def resume_state(s: Setup, st: TrainState, say) -> tuple:
     """(checkpoint resumed from or None, whether that run already finished). Loads the newest
     complete checkpoint of this run into s and st; refuses a folder holding another run's steps."""
     paths = s.paths
-    resume = C.find_resume(s.args.resume, paths["ckpt"])
+    resume = C.find_resume(s.cfg.loop.resume, paths["ckpt"])
     if resume:
         done = C.meta_of(resume if os.path.isdir(resume) else os.path.dirname(resume)).get("done")
         if done:
             say(f"{resume}: this run already finished ({done}); nothing to do. infer.py uses its best checkpoint; "
                 f"to train again, use another TRAIN_CKPT_PATH")
             return resume, True
-        ck = C.load_resume(resume, s.model, s.opt, s.sched, s.model_cfg, s.rank)
-        st.update({k: ck[k] for k in st if k in ck}, **({"bad_evals": ck["bad_epochs"]} if "bad_epochs" in ck else {}))
-        s.lr_scale[0] = st["lr_scale"]
-        say(f"resumed from {resume}: epoch {st['epoch'] + 1}, batch {st['micro']}, step {st['step']}")
+        ck = C.load_resume(resume, s.model, s.opt, s.sched, s.cfg.model, s.cfg.data, s.rank)
+        st.restore(ck)
+        s.lr_scale[0] = st.lr_scale
+        say(f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.micro}, step {st.step}")
     elif C.complete(paths["ckpt"]):
         steps = [os.path.basename(p) for p in C.complete(paths["ckpt"])]
         raise DataError(f"{paths['ckpt']}: holds checkpoints of another run ({steps[0]} .. {steps[-1]}) that a new run "
@@ -554,111 +563,124 @@ def resume_state(s: Setup, st: dict, say) -> tuple:
 
 def say_start(s: Setup, say) -> None:
     """One line describing the run, and a notice when a fixed length gives too few steps."""
-    args = s.args
+    a, b, d = s.cfg.loop, s.budget, s.cfg.data
     nparams = sum(p.numel() for p in s.model.parameters())
-    say(f"users {len(s.ds)}  items {s.data_cfg.num_items}  params {nparams / 1e6:.2f}M  device {s.device}  "
-        f"world {s.world}  effective batch {args.batch_size * args.gradient_accumulation_steps * s.world}  "
-        f"steps/epoch {s.steps_per_epoch}  epochs {'up to ' if args.num_epochs is None else ''}{s.epochs}  "
-        f"mm {s.data_cfg.mm_emb_id}  ctr_dir {s.ctr_dir if (args.use_userctr or args.use_itemctr) else '-'}  valid "
+    say(f"users {len(s.ds)}  items {d.num_items}  params {nparams / 1e6:.2f}M  device {s.device}  "
+        f"world {s.world}  effective batch {a.batch_size * a.gradient_accumulation_steps * s.world}  "
+        f"steps/epoch {b.steps_per_epoch}  epochs {'up to ' if a.num_epochs is None else ''}{b.epochs}  "
+        f"mm {d.mm_emb_id}  ctr_dir {s.ctr_dir if (d.use_userctr or d.use_itemctr) else '-'}  valid "
         + (s.valid_dir or (f"{len(s.holdout)} held-out users" if s.holdout is not None else "-")))
-    if args.num_epochs is not None and s.total_steps < 300:
-        say(f"notice: only {s.total_steps} optimizer steps in all: likely too few to train; leave --num_epochs out "
+    if a.num_epochs is not None and b.total_steps < 300:
+        say(f"notice: only {b.total_steps} optimizer steps in all: likely too few to train; leave --num_epochs out "
             f"to train until validation stops improving")
 
 
-def validation_step(s: Setup, st: dict, log: RunLog, say) -> tuple:
+def validation_step(s: Setup, st: TrainState, log: RunLog, say) -> tuple:
     """Validate on rank 0 and share the patience count: (checkpoint extras, stop early?). With the
     plateau schedule, every patience/2 validations without gain cut the LR by --plateau_factor."""
-    args, extra = s.args, {}
+    a, b, extra = s.cfg.loop, s.budget, {}
     if s.rank == 0:
         m, mask = validate(s, st, log)
         extra = {**{f"valid_{k}": v for k, v in m.items()}, "valid_mask_history": mask}
-        say(f"step {st['step']} valid " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
+        say(f"step {st.step} valid " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
             + ("  (history masked)" if mask else ""))
     if s.world > 1:
-        flag_t = torch.tensor([st["bad_evals"]], device=s.device)
+        flag_t = torch.tensor([st.bad_evals], device=s.device)
         dist.broadcast(flag_t, 0)
-        st["bad_evals"] = int(flag_t.item())
-    early = bool(s.patience and st["bad_evals"] >= s.patience)
-    if s.schedule == "plateau" and not early and st["bad_evals"] and st["bad_evals"] % max(1, s.patience // 2) == 0:
-        s.lr_scale[0] = st["lr_scale"] = st["lr_scale"] * args.plateau_factor
-        say(f"plateau: no validation gain for {st['bad_evals']} validations; LR x{args.plateau_factor} "
-            f"(now {args.lr * st['lr_scale']:.3g})")
+        st.bad_evals = int(flag_t.item())
+    early = bool(b.patience and st.bad_evals >= b.patience)
+    if b.schedule == "plateau" and not early and st.bad_evals and st.bad_evals % max(1, b.patience // 2) == 0:
+        s.lr_scale[0] = st.lr_scale = st.lr_scale * a.plateau_factor
+        say(f"plateau: no validation gain for {st.bad_evals} validations; LR x{a.plateau_factor} "
+            f"(now {a.lr * st.lr_scale:.3g})")
     return extra, early
 
 
+def write_config(args, folder: str, say) -> None:
+    """The resolved configuration as TRAIN_CKPT_PATH/config.toml (rank 0, atomically)."""
+    text = CF.dump_toml(args, parser(), "main.py's resolved configuration of the run whose checkpoints are here;\n"
+                                        "python main.py --config THIS_FILE trains it again")
+    with atomic_write(os.path.join(folder, "config.toml")) as f:
+        f.write(text)
+
+
 def main(argv=None):
-    args = resolve_ctr_flags(get_args(argv))
+    args = get_args(argv)
     check_args(args)
+    if args.print_config:
+        print(CF.dump_toml(args, parser(), "resolved configuration (python main.py --config FILE reads it back)"), end="")
+        return None
+    cfg = CF.from_args(args)
     paths = env_paths()
     check_paths(paths, args)
-    rank, world, device = setup_process(args)
+    rank, world, device = setup_process(cfg.loop)
     master = rank == 0
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    with oom_context("building the data and model", args):
-        s = build_training(args, paths, device, rank, world, say)
-    st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_evals": 0, "nonfinite": 0, "lr_scale": 1.0,
-          "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"}
+    for note in getattr(args, "seed_notices", []):
+        say(note)
+    with oom_context("building the data and model", cfg):
+        s = build_training(cfg, paths, device, rank, world, say)
+    st = TrainState(run=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     resume, done = resume_state(s, st, say)
     if done:
         return resume
-    log = RunLog(paths, master, purge_step=st["step"] + 1 if resume else None)
+    if master:
+        write_config(args, paths["ckpt"], say)
+    log = RunLog(paths, master, purge_step=st.step + 1 if resume else None)
     validating = s.valid_dir is not None or s.holdout is not None
     say_start(s, say)
-    log.record({"event": "resume" if resume else "start", "args": vars(args), "world": world})
-    hardneg = None
-    if args.use_hard_neg:
-        hardneg = HardNegativeCache(os.path.join(paths["cache"], "hard_negative_cache.pkl"), args.hard_neg_k,
-                                    args.hard_neg_pool, args.hard_neg_refresh)
-        say(f"hard negatives: {len(hardneg.items)} users cached from a previous run" if hardneg.items else
-            "hard negatives: new cache")
+    log.record({"event": "resume" if resume else "start", "args": CF.settings(args), "world": world})
+    if s.negatives.hard is not None:
+        say(f"hard negatives: {len(s.negatives.hard.items)} users cached from a previous run" if s.negatives.hard.items
+            else "hard negatives: new cache")
     stop = StopFlag()
+    loop = cfg.loop
 
     def save(extra=None):
-        if hardneg is not None and master:
-            hardneg.save()
-        return C.save(paths["ckpt"], s.model, s.configs(), args, s.opt, s.sched, st, extra or {},
-                      args.keep_last_ckpts, world)
+        if master:
+            s.negatives.save()
+        return C.save(paths["ckpt"], s.model, s.cfg.saved(), CF.settings(args), s.opt, s.sched, st.to_dict(),
+                      extra or {}, loop.keep_last_ckpts, world)
 
     last_ckpt, t0, early, final = None, time.time(), False, False
-    for epoch_end in oom_guard(train_steps(s, st, log, hardneg, t0), args):
-        final = bool(args.max_steps and st["step"] >= args.max_steps)
-        in_epoch = st["step"] - (st["epoch"] - epoch_end) * s.steps_per_epoch
+    for epoch_end in oom_guard(train_steps(s, st, log, t0), cfg):
+        final = bool(loop.max_steps and st.step >= loop.max_steps)
+        in_epoch = st.step - (st.epoch - epoch_end) * s.budget.steps_per_epoch
         extra = {}
-        if validating and (epoch_end or final or in_epoch in s.eval_points):
+        if validating and (epoch_end or final or in_epoch in s.budget.eval_points):
             extra, early = validation_step(s, st, log, say)
-        if extra or epoch_end or final or stop.requested or (args.ckpt_every_steps and st["step"] % args.ckpt_every_steps == 0):
+        if extra or epoch_end or final or stop.requested or (loop.ckpt_every_steps and st.step % loop.ckpt_every_steps == 0):
             last_ckpt = save(extra)
         if epoch_end:
-            say(f"epoch {st['epoch']} done  step {st['step']}  {time.time() - t0:.0f}s  -> {last_ckpt}")
+            say(f"epoch {st.epoch} done  step {st.step}  {time.time() - t0:.0f}s  -> {last_ckpt}")
         if stop.requested:
             say(f"signal {stop.requested}: saved {last_ckpt}; rerun the same command to continue")
             return last_ckpt
         if early or final:
-            say(f"early stop: no validation gain for {st['bad_evals']} validations" if early else
-                f"stopped at --max_steps {args.max_steps}")
+            say(f"early stop: no validation gain for {st.bad_evals} validations" if early else
+                f"stopped at --max_steps {loop.max_steps}")
             break
     if master and last_ckpt:
-        C.mark_done(last_ckpt, "early stop" if early else f"--max_steps {args.max_steps}" if final else
-                    f"{s.epochs} epochs")
+        C.mark_done(last_ckpt, "early stop" if early else f"--max_steps {loop.max_steps}" if final else
+                    f"{s.budget.epochs} epochs")
     report_end(s, st, say, validating, early)
-    log.record({"event": "end", "step": st["step"], "elapsed_s": round(time.time() - t0, 1)})
+    log.record({"event": "end", "step": st.step, "elapsed_s": round(time.time() - t0, 1)})
     log.close()
     if world > 1:
         dist.destroy_process_group()
     return last_ckpt
 
 
-def report_end(s: Setup, st: dict, say, validating: bool, early: bool) -> None:
+def report_end(s: Setup, st: TrainState, say, validating: bool, early: bool) -> None:
     """The best validation, and a notice when the budget ended while validation still improved."""
     if s.skipped:
         say(f"skipped {len(s.skipped)} bad line(s); locations in {os.path.join(s.paths['log'], 'skipped_records.txt')}")
-    if not validating or st["best"] is None:
+    if not validating or st.best is None:
         return
-    step, ndcg, mask = (st["best"] + [None])[:3]
-    say(f"best validation NDCG@10 {ndcg:.4f} at step {step} (of {st['step']}); infer.py uses it"
+    step, ndcg, mask = (st.best + [None])[:3]
+    say(f"best validation NDCG@10 {ndcg:.4f} at step {step} (of {st.step}); infer.py uses it"
         + ("; history masked" if mask else ""))
-    if not early and step == st["step"]:
+    if not early and step == st.step:
         say("notice: validation was still improving at the last step; train longer (raise --num_epochs, "
             "--max_epochs or --max_steps)")
 

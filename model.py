@@ -14,7 +14,7 @@ of the time gap between the query's and the key's events; no FFN after HSTU bloc
 paper. The model knows tensors only: readers build the batch dict (see dataset_packed.PackedCollate).
 """
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from layout import CLICK, ITEM_TOKEN, PAD, TIME_VOCAB, USER_TOKEN
+from layout import CLICK, ITEM_TOKEN, PAD, TIME_VOCAB, USER_TOKEN, DataConfig
 
 
 @dataclass(frozen=True)
@@ -47,33 +47,29 @@ class ModelConfig:
     use_senet: bool = False
     action_cond: bool = False
     use_user_id: bool = True          # user-id embedding in the user token (off: features only)
-    item_tower: str = "mlp"           # mlp | add | id (FeatureTower)
+    item_tower: str = "add"           # mlp | add | id (FeatureTower)
     score: str = "cosine"             # cosine: L2-normalised vectors over a temperature; dot: raw inner product
     query_head: bool = True           # a linear head on the encoder state (off: the state is the query)
     use_type_emb: bool = True         # token-type and action rows added to every token
     use_user_token: bool = True       # the user token leads the sequence (off: item events only)
     hstu_ffn: bool = False            # a point-wise feed-forward sub-layer after each HSTU attention
     grad_checkpoint: bool = False
-    feat_dim: int = 0                 # width of each feature embedding; 0 = hidden_units
-    maxlen: int = 100
-    # sizes derived from the data (dataset.DataConfig)
-    num_users: int = 0
-    num_items: int = 0
-    user_sparse: dict = field(default_factory=dict)
-    user_array: dict = field(default_factory=dict)
-    item_sparse: dict = field(default_factory=dict)
-    item_array: dict = field(default_factory=dict)
-    mm_dims: dict = field(default_factory=dict)
-    use_timefeat: bool = True
-    use_userctr: bool = False
-    use_itemctr: bool = False
+    feat_dim: int = 32                # width of each feature embedding; 0 = hidden_units
+    use_item_id: bool = True          # item-id row in the item tower (off: features only)
+    senet_reduction: int = 2          # SENet bottleneck: blocks // this
+    rope_theta: float = 10000.0       # RoPE base
+    rope_dim: int = 0                 # RoPE on the first rope_dim dims of each head (0 = all)
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
-    # checkpoint written before it existed; renamed and removed fields (checkpoint.config_from_dict).
+    # checkpoint written before it existed; renamed, removed and moved fields
+    # (checkpoint.config_from_dict). The data's sizes and feature switches live in DataConfig
+    # (layout.py) only: earlier checkpoints also kept a copy here, which is dropped on load.
     LEGACY: ClassVar[dict] = {"item_tower": "mlp", "score": "cosine", "query_head": True, "use_type_emb": True,
                               "use_user_token": True, "hstu_ffn": False}
     RENAMED: ClassVar[dict] = {}
     REMOVED: ClassVar[dict] = {}
+    MOVED: ClassVar[tuple] = ("maxlen", "num_users", "num_items", "user_sparse", "user_array", "item_sparse",
+                              "item_array", "mm_dims", "use_timefeat", "use_userctr", "use_itemctr")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +120,8 @@ class FeatureTower(nn.Module):
     cold ids.
     """
 
-    def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet, init_std=1.0, kind="mlp"):
+    def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet, init_std=1.0, kind="mlp",
+                 senet_reduction=2):
         super().__init__()
         self.kind = kind
         if kind != "mlp":
@@ -137,7 +134,7 @@ class FeatureTower(nn.Module):
         self.mm_missing = nn.Parameter(torch.zeros(len(mm_dims), f)) if mm_dims else None
         self.ctr = nn.Linear(1, f) if use_ctr else None
         n_blocks = int(kind == "mlp") + len(self.sparse) + len(self.array) + len(self.mm) + int(use_ctr)
-        self.senet = SENet(n_blocks) if use_senet and n_blocks else None
+        self.senet = SENet(n_blocks, senet_reduction) if use_senet and n_blocks else None
         self.proj = nn.Sequential(nn.Linear(n_blocks * f, d), nn.SiLU(), nn.Linear(d, d)) if n_blocks else None
         self.id_dropout = 0.0
         if init_std != 1.0:
@@ -189,7 +186,10 @@ def rel_time_bucket(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return torch.floor(torch.log2(1.0 + gap.clamp(min=0).double())).long().clamp(max=num_buckets - 1)
 
 
-def rope(x, cos, sin):                             # x [B, H, T, dh]; cos/sin [B, 1, T, dh/2]
+def rope(x, cos, sin):                             # x [B, H, T, dh]; cos/sin [B, 1, T, r/2], r <= dh
+    r = 2 * cos.shape[-1]
+    if r < x.shape[-1]:                            # rope_dim: rotate the first r dims, pass the rest
+        return torch.cat([rope(x[..., :r], cos, sin), x[..., r:]], -1)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
@@ -312,21 +312,25 @@ def attention(q, k, v, allowed, bias, kind: str, dropout_p: float) -> torch.Tens
 
 
 class GenerativeRecommender(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The encoder with its item and user towers. cfg: the model's own settings; data: the data's
+    schema and feature switches (table sizes, feature ids, time and CTR channels)."""
+
+    def __init__(self, cfg: ModelConfig, data: DataConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.data = cfg, data
         d, f = cfg.hidden_units, cfg.feat_dim or cfg.hidden_units
-        self.item_tower = FeatureTower(cfg.num_items, cfg.item_sparse, cfg.item_array, cfg.mm_dims,
-                                       cfg.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std, cfg.item_tower)
-        self.user_tower = FeatureTower(cfg.num_users if cfg.use_user_id else 0, cfg.user_sparse, cfg.user_array, {},
-                                       False, d, f, cfg.use_senet, cfg.emb_init_std)
+        self.item_tower = FeatureTower(data.num_items if cfg.use_item_id else 0, data.item_sparse, data.item_array,
+                                       data.mm_dims, data.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std,
+                                       cfg.item_tower, cfg.senet_reduction)
+        self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
+                                       False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
         self.action_emb = nn.Embedding(4, d, padding_idx=0) if cfg.use_type_emb else None
-        self.pos_emb = nn.Embedding(cfg.maxlen + 2, d, padding_idx=0) if cfg.use_abs_pos else None
-        if cfg.use_timefeat:
+        self.pos_emb = nn.Embedding(data.maxlen + 2, d, padding_idx=0) if cfg.use_abs_pos else None
+        if data.use_timefeat:
             self.time_emb = nn.ModuleDict({k: nn.Embedding(v, d, padding_idx=0) for k, v in TIME_VOCAB.items()})
             self.gap_proj = nn.Linear(1, d)
-        self.user_ctr_proj = nn.Linear(1, d) if cfg.use_userctr else None
+        self.user_ctr_proj = nn.Linear(1, d) if data.use_userctr else None
         self.emb_drop = nn.Dropout(cfg.dropout_rate)
         block = HSTUBlock if cfg.encoder_type == "hstu" else TransformerBlock
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_blocks))
@@ -340,12 +344,12 @@ class GenerativeRecommender(nn.Module):
             # (valid HR@10 0.019 at epoch 4 vs 0.052 in this mode). Adam also moves small rows
             # relatively faster. The demo data prefers unit rows (BENCHMARKS.md), hence a flag.
             for emb in [self.type_emb, self.action_emb, self.pos_emb, self.next_action_emb,
-                        *(self.time_emb.values() if cfg.use_timefeat else [])]:
+                        *(self.time_emb.values() if data.use_timefeat else [])]:
                 if emb is not None:
                     small_init_(emb, cfg.emb_init_std)
         if cfg.use_rope:
-            dh = cfg.dqk if cfg.encoder_type == "hstu" else d // cfg.num_heads
-            self.register_buffer("rope_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh),
+            dh = cfg.rope_dim or (cfg.dqk if cfg.encoder_type == "hstu" else d // cfg.num_heads)
+            self.register_buffer("rope_freq", 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2).float() / dh),
                                  persistent=False)
 
     def set_id_dropout(self, p: float) -> None:
@@ -380,7 +384,7 @@ class GenerativeRecommender(nn.Module):
             x = x + self.type_emb(tt) + self.action_emb(batch["action"])
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch["pos_idx"])
-        if cfg.use_timefeat:
+        if self.data.use_timefeat:
             for k, emb in self.time_emb.items():
                 x = x + emb(batch[k])
             x = x + self.gap_proj(batch["gap_log"].unsqueeze(-1).to(x.dtype))

@@ -27,7 +27,9 @@ class ObjectiveConfig:
     in_batch_max: int = 2048           # at most this many of them (a random subset)
     logq: bool = True                  # subtract log expected sampling count from every logit
     nce_weight_scheme: str = "none"    # none | fixed | cb | focal
-    click_weight: float = 2.0
+    click_weight: float = 2.0          # fixed: weight of click targets
+    expo_weight: float = 1.0           # fixed: weight of exposure targets
+    weight_cap: float = 0.0            # cb: the larger class weight at most this times the smaller (0 = no cap)
     focal_gamma: float = 2.0
     two_tau: bool = False              # temperature by the target's action
     tau_click: float = 0.03
@@ -35,6 +37,8 @@ class ObjectiveConfig:
     use_rankloss: bool = False
     rankloss_mode: str = "listwise"    # pairwise | listwise
     lambda_rank: float = 0.5
+    rankloss_tau: float = 0.0          # rank-loss temperature (0 = the InfoNCE one)
+    rankloss_weights: str = ""         # pairwise: weights by the higher item's level, e.g. "1.0,0.6,0.4,0.2"
     rank_pkg_as_neg: bool = False      # package items are per-target hard negatives in InfoNCE
     use_hard_neg: bool = False
     hard_neg_k: int = 8
@@ -51,6 +55,11 @@ class ObjectiveConfig:
     @property
     def full_softmax(self) -> bool:
         return self.num_neg < 0
+
+    @property
+    def rank_level_weights(self):
+        """rankloss_weights as floats (positive, clicked, exposed, random), or None (all 1)."""
+        return [float(x) for x in self.rankloss_weights.split(",")] if self.rankloss_weights else None
 
 
 def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None,
@@ -100,12 +109,14 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     return torch.logsumexp(logits, 1) - logits[:, 0], pos_logit
 
 
-def rank_loss(s_pos, s_pkg, grade, mode):
+def rank_loss(s_pos, s_pkg, grade, mode, level_weights=None):
     """Graded ranking of [positive (grade 4), package items (grade 1-3; 0 = masked)] per target.
 
-    pairwise: mean over ordered pairs (higher grade i, lower grade j) of -log sigmoid(s_i - s_j);
-    listwise: cross-entropy between softmax(scores) and targets proportional to 2^grade - 1.
-    Returns the mean over targets that have at least one valid package item.
+    pairwise: mean over ordered pairs (higher grade i, lower grade j) of -log sigmoid(s_i - s_j),
+    each pair weighted by level_weights[4 - grade_i] when given (the seed's --rankloss_weights:
+    positive, clicked, exposed, random); listwise: cross-entropy between softmax(scores) and
+    targets proportional to 2^grade - 1. Returns the mean over targets that have at least one
+    valid package item.
     """
     scores = torch.cat([s_pos.unsqueeze(1), s_pkg], 1)                  # [N, 1 + K]
     g = torch.cat([torch.full_like(grade[:, :1], 4), grade], 1)
@@ -116,6 +127,9 @@ def rank_loss(s_pos, s_pkg, grade, mode):
     if mode == "pairwise":
         pair = (g.unsqueeze(2) > g.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)   # [N, 1+K, 1+K]
         lp = F.logsigmoid(scores.unsqueeze(2) - scores.unsqueeze(1))
+        if level_weights is not None:
+            w = scores.new_tensor(level_weights + [0.0] * (5 - len(level_weights)))[(4 - g).clamp(0, 4)]   # [N, 1+K]
+            lp = lp * w.unsqueeze(2)
         per = -(lp * pair).sum((1, 2)) / pair.sum((1, 2)).clamp(min=1)
     else:
         target = (2.0 ** g - 1) * valid
@@ -125,20 +139,24 @@ def rank_loss(s_pos, s_pkg, grade, mode):
     return per[has].mean()
 
 
-def nce_weights(scheme, pos_act, loss, click_weight=2.0, gamma=2.0, click_rate=0.1):
+def nce_weights(scheme, pos_act, loss, click_weight=2.0, gamma=2.0, click_rate=0.1, expo_weight=1.0, cap=0.0):
     """Per-target weights by the target's action (action ids: 1 exposure, 2 click, 3 conversion).
 
-    fixed: clicks weigh click_weight; cb: class-balanced, 1 / (2 * class share) so both classes
-    weigh the same in total; focal: (1 - p_pos)^gamma with p_pos = exp(-loss), detached.
+    fixed: clicks weigh click_weight, exposures expo_weight; cb: class-balanced, 1 / (2 * class
+    share) so both classes weigh the same in total, the larger weight at most `cap` times the
+    smaller when cap > 0; focal: (1 - p_pos)^gamma with p_pos = exp(-loss), detached.
     """
     click = pos_act >= CLICK
     if scheme == "none":
         return torch.ones_like(loss)
     if scheme == "fixed":
-        return torch.where(click, click_weight, 1.0).to(loss.dtype)
+        return torch.where(click, click_weight, expo_weight).to(loss.dtype)
     if scheme == "cb":
         r = min(max(click_rate, 1e-6), 1 - 1e-6)
-        return torch.where(click, 0.5 / r, 0.5 / (1 - r)).to(loss.dtype)
+        wc, we = 0.5 / r, 0.5 / (1 - r)
+        if cap > 0:
+            wc, we = min(wc, cap * we), min(we, cap * wc)
+        return torch.where(click, wc, we).to(loss.dtype)
     if scheme == "focal":
         return (1 - torch.exp(-loss.detach())).clamp(min=0).pow(gamma)
     raise ValueError(f"unknown nce_weight_scheme {scheme!r}")
@@ -168,7 +186,7 @@ class Trainer(torch.nn.Module):
         negs = m.embed_items(batch, "neg_") if c.num_neg else None
         # full softmax without per-target inputs (leave-one-out CTR, extra negatives) is plain
         # cross-entropy over the catalogue's vectors: no separate target tower, no masks
-        fast = c.full_softmax and not m.cfg.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
+        fast = c.full_softmax and not m.data.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
         pos = None if fast else m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
                                               and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
         # dot scoring has no temperature: the vectors' norms set the logits' scale
@@ -204,13 +222,16 @@ class Trainer(torch.nn.Module):
                                    batch.get("neg_row"), tau, self.log_pop if c.logq and not c.full_softmax else None,
                                    self.num_items, c.in_batch_neg and not c.full_softmax, sub,
                                    torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
-        w = nce_weights(c.nce_weight_scheme, pos_act, loss, c.click_weight, c.focal_gamma, self.click_rate)
+        w = nce_weights(c.nce_weight_scheme, pos_act, loss, c.click_weight, c.focal_gamma, self.click_rate,
+                        c.expo_weight, c.weight_cap)
         parts = {"nce": (loss * w).sum() / w.sum().clamp(min=1e-9)}
         if c.use_rankloss:
             # an accidental hit (package item == target) is masked, not ranked below itself
             grade = batch["pkg_grade"][valid] * (pkg_ids != pos_ids.unsqueeze(1))
             s_pkg = (qn.unsqueeze(1) * pkg).sum(-1)                                            # [N, 5]
-            parts["rank"] = rank_loss(s_pos / tau, s_pkg / tau.unsqueeze(1), grade, c.rankloss_mode)
+            rt = tau if c.rankloss_tau <= 0 or not cosine else torch.full_like(tau, c.rankloss_tau)
+            parts["rank"] = rank_loss(s_pos / rt, s_pkg / rt.unsqueeze(1), grade, c.rankloss_mode,
+                                      c.rank_level_weights)
         total = sum(self.weights[name] * value for name, value in parts.items())
         nxt = torch.full_like(batch["user_id"], CLICK) if m.cfg.action_cond else None
         last = m.normalize(m.query(h[:, -1], nxt).detach())                                  # [B, d]
@@ -268,3 +289,44 @@ class HardNegativeCache:
 
     def save(self) -> None:
         dump_pickle(self.items, self.path)
+
+
+class Negatives:
+    """The objective's negatives for each batch, as ObjectiveConfig asks: shared uniform samples
+    (num_neg > 0) or the whole catalogue (num_neg = -1, its inputs built once), and per-user hard
+    negatives from a HardNegativeCache (use_hard_neg) refreshed every hard_neg_refresh optimizer
+    steps. The training loop calls add() before the forward pass and update() after it."""
+
+    def __init__(self, cfg: ObjectiveConfig, table, num_items: int, device, cache_dir: str):
+        from dataset_packed import sample_negatives
+        self.cfg, self.table, self.num_items, self.device = cfg, table, num_items, device
+        self._sample = sample_negatives
+        self.full = None
+        if cfg.full_softmax:             # the catalogue's inputs never change
+            self.full = {k: v.to(device) for k, v in sample_negatives(table, -1, num_items).items()}
+        self.hard = None
+        if cfg.use_hard_neg:
+            self.hard = HardNegativeCache(os.path.join(cache_dir, "hard_negative_cache.pkl"), cfg.hard_neg_k,
+                                          cfg.hard_neg_pool, cfg.hard_neg_refresh)
+
+    def add(self, batch: dict) -> None:
+        """Put this batch's negatives into `batch` (prefixes neg_ and hard_)."""
+        if self.cfg.num_neg:
+            batch.update(self.full or self._sample(self.table, self.cfg.num_neg, self.num_items))
+        if self.hard is not None and self.hard.items:
+            rows = self.hard.lookup(batch["user_id"].numpy())
+            batch.update(self.table.gather(rows.reshape(-1), "hard_"))
+            batch["hard_row"] = torch.from_numpy(rows)
+
+    def update(self, model, user_ids: torch.Tensor, last_q: torch.Tensor, user_items: list, refresh: bool) -> None:
+        """After a forward pass: re-embed the hard-negative pool when `refresh` (or never done),
+        then give the batch's users their current hard negatives."""
+        if self.hard is None:
+            return
+        if self.hard.pool_vecs is None or refresh:
+            self.hard.refresh_pool(model, self.table, self.num_items, self.device)
+        self.hard.update(user_ids, last_q, user_items)
+
+    def save(self) -> None:
+        if self.hard is not None:
+            self.hard.save()

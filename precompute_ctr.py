@@ -305,6 +305,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_bad_records", action="store_true",
                    help="skip malformed lines/records and report how many, instead of stopping "
                         "with exit code 2 at the first one")
+    p.add_argument("--eps", type=float, default=None,
+                   help="the seed's clamp of rates to [eps, 1 - eps]: accepted and ignored with a notice (the shrunk "
+                        "rates here never reach 0 or 1: alpha, beta > 0)")
     p.add_argument("--reuse", action="store_true",
                    help="do nothing when the outputs exist and were computed from this seq.jsonl (same size "
                         "and time) with the same options")
@@ -418,6 +421,9 @@ def main(argv=None):
     """The command line. Bad input raises DataError; as a script (layout.run_cli) it is one
     "error: ..." line on stderr and exit 2, as is an unreadable input or unwritable output."""
     args = get_args(argv)
+    if args.eps is not None:
+        print(f"notice: --eps {args.eps:g} (a seed flag) is accepted and ignored: the shrunk rates never reach 0 or 1",
+              flush=True)
     if args.reuse and up_to_date(args):
         print(f"{args.output_dir}: up to date with {args.seq_path}; nothing to do")
         return

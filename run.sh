@@ -7,7 +7,7 @@
 # Training length follows the data: main.py holds out a validation slice of the training users
 # (or uses ../valid beside the training folder), keeps the best checkpoint and stops when
 # validation stops improving. Extra arguments go to main.py, e.g. the seed solution's full-size
-# model for TencentGR-1M-sized data: bash run.sh --preset taac1m
+# model for TencentGR-1M-sized data: bash run.sh --config taac1m
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -30,8 +30,8 @@ export EVAL_RESULT_PATH=${EVAL_RESULT_PATH:-$RUN/result}
 $PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir "${USER_CACHE_PATH}/ctr" \
     --prior auto --k_clip 10,10000 --reuse
 
-$PY -u main.py --use_ctr --use_userctr --use_itemctr --ctr_dir "${USER_CACHE_PATH}/ctr" \
-    --use_timefeat --use_rel_bias=1 --norm_first --norm_type=rmsnorm --encoder_type=hstu --action_cond "$@"
+# configs/demo.toml: the recommended TencentGR-layout configuration (HSTU, time, CTR channels)
+$PY -u main.py --config configs/demo.toml --ctr_dir "${USER_CACHE_PATH}/ctr" "$@"
 
 if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
   $PY -u infer.py

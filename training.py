@@ -1,22 +1,26 @@
-"""Assemble a training run from main.py's flags: configs, data, loader, model, loss, optimiser.
+"""Assemble a training run from its frozen configs: data, loader, negatives, model, loss, optimiser.
 
-build_training() is what main.py trains and what bench/ times, so the benchmarks cannot drift
-from the product. The loop itself, validation and checkpoints stay in main.py.
+The run's settings live in four frozen dataclasses: DataConfig (layout.py: the schema and feature
+switches, shared with the model), ModelConfig (model.py), ObjectiveConfig (objectives.py: the
+losses and their negatives) and LoopConfig (here: loader, validation, schedule, checkpoints),
+bundled as RunConfig. config.py builds them from flags and config files; nothing else reads the
+flags. build_training() is what main.py trains and what bench/ times, so the benchmarks cannot
+drift from the product. The loop itself, validation and checkpoints stay in main.py.
 """
-import argparse
 import dataclasses
 import math
 import os
 import random
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 import dataset as D
 import dataset_packed as P
-from dataset import DataConfig
+from layout import DataConfig
 from model import GenerativeRecommender, ModelConfig
-from objectives import ObjectiveConfig, Trainer
+from objectives import Negatives, ObjectiveConfig, Trainer
 
 
 def seed_everything(seed):
@@ -42,153 +46,229 @@ def id_dropout_at(p0, epoch, frac):
     return p0 * 0.5 * (1 + math.cos(math.pi * frac)) if epoch == 0 and p0 > 0 else 0.0
 
 
-def resolve_mm(args, data_dir):
-    if args.mm_emb_id is None:
-        return ["81"] if D.mm_sources(os.path.join(data_dir, "creative_emb"), "81") else []
-    return [] if args.mm_emb_id in (["none"], []) else [str(x) for x in args.mm_emb_id]
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How a run reads its data and trains: loader, validation, schedule, length, checkpoints.
+    Saved in every checkpoint beside the data, model and objective configs."""
+    ctr_dir: str = None                # precompute_ctr.py outputs (None: USER_CACHE_PATH/ctr, then TRAIN_DATA_PATH/ctr)
+    valid_dir: str = None              # eval-layout validation folder; None: ../valid when present; "none": off
+    valid_users: int = 5000            # else: users held out of the training data for validation
+    valid_seed: int = 0
+    num_workers: int = 1
+    prefetch_factor: int = 2           # batches each loader worker prepares ahead
+    length_bucketing: bool = False
+    pin_memory: bool = False
+    limit_users: int = None
+    skip_bad_records: bool = False
+    first_epoch_id_item_dropout: float = 0.0
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    lr_schedule: str = "auto"          # auto | cosine | constant | plateau
+    plateau_factor: float = 0.3
+    num_epochs: int = None             # None: until validation stops improving, at most max_epochs
+    max_epochs: int = 200
+    max_steps: int = 0
+    eval_every: int = 0
+    gradient_accumulation_steps: int = 1
+    clip_norm: float = 1.0
+    seed: int = 42
+    device: str = None
+    patience: int = None               # None: 10, or 0 with num_epochs
+    log_every: int = 20
+    resume: str = "auto"
+    ckpt_every_steps: int = 0
+    keep_last_ckpts: int = 3
+    max_nonfinite_steps: int = 20
+
+    LEGACY: ClassVar[dict] = {}
+    RENAMED: ClassVar[dict] = {}
+    REMOVED: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def data_config(args, data_dir: str, say=print) -> DataConfig:
-    """The run's DataConfig before the data is read (the schema is filled in by load_train_data)."""
-    use_timefeat = args.use_timefeat
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The four configs of a run, built once from the flags (config.from_args) and never changed;
+    only these travel from the command line into the run."""
+    data: DataConfig
+    model: ModelConfig
+    objective: ObjectiveConfig
+    loop: LoopConfig
+
+    def saved(self) -> dict:
+        """The configs a checkpoint stores (data with its schema filled in)."""
+        return {"model": self.model, "data": self.data, "objective": self.objective, "loop": self.loop}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where the loop is; saved in every checkpoint and restored on resume."""
+    step: int = 0                      # optimizer steps done
+    epoch: int = 0                     # epochs done
+    micro: int = 0                     # micro-batches done in the current epoch
+    best: list = None                  # [step, valid NDCG@10, history masked] of the best validation
+    bad_evals: int = 0                 # validations in a row without gain
+    nonfinite: int = 0                 # optimizer steps in a row with a non-finite loss
+    lr_scale: float = 1.0              # plateau cuts so far
+    run: str = ""                      # this run's id (checkpoints of other runs are never touched)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def restore(self, ck: dict) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in ck:
+                setattr(self, f.name, ck[f.name])
+        if "bad_epochs" in ck:          # checkpoints from before validations could fall mid-epoch
+            self.bad_evals = ck["bad_epochs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The run's length and validation plan, derived from LoopConfig and the epoch's size."""
+    batches_per_epoch: int
+    steps_per_epoch: int
+    epochs: int                        # the epoch budget: num_epochs, else max_epochs
+    total_steps: int                   # the step budget (the cosine schedule's horizon)
+    eval_points: frozenset             # optimizer steps within an epoch (1-based) that validate
+    patience: int
+    schedule: str                      # lr_schedule with auto resolved
+
+
+def plan(loop: LoopConfig, epoch_len: int) -> Budget:
+    bpe = math.ceil(epoch_len / loop.batch_size)
+    spe = math.ceil(bpe / loop.gradient_accumulation_steps)
+    epochs = loop.num_epochs if loop.num_epochs is not None else loop.max_epochs
+    total = spe * epochs if not loop.max_steps else min(spe * epochs, loop.max_steps)
+    n_evals = max(1, math.ceil(spe / (loop.eval_every or 1000)))       # validations per epoch, evenly spread
+    points = frozenset(math.ceil(j * spe / n_evals) for j in range(1, n_evals + 1))
+    patience = loop.patience if loop.patience is not None else (0 if loop.num_epochs is not None else 10)
+    schedule = loop.lr_schedule
+    if schedule == "auto":
+        schedule = "cosine" if loop.num_epochs is not None or loop.max_steps else "plateau"
+    return Budget(bpe, spe, epochs, total, points, patience, schedule)
+
+
+def resolve_data(cfg: DataConfig, data_dir: str, say=print) -> DataConfig:
+    """The DataConfig as this folder allows, before the data is read (load_train_data fills in the
+    schema): multimodal ids chosen (81 when present), time features off without timestamps."""
+    mm = cfg.mm_emb_id                   # as the flag gave it: None = 81 when present
+    if mm is None:
+        mm = ["81"] if D.mm_sources(os.path.join(data_dir, "creative_emb"), "81") else []
+    else:
+        mm = [] if mm in (["none"], []) else [str(x) for x in mm]
+    use_timefeat = cfg.use_timefeat
     if use_timefeat and not D.dataset_has_timestamps(data_dir):
         say("notice: this dataset has no real timestamps; time features switched off")
         use_timefeat = False
-    return DataConfig(maxlen=args.maxlen, use_timefeat=use_timefeat, use_userctr=args.use_userctr,
-                      use_itemctr=args.use_itemctr, mm_emb_id=resolve_mm(args, data_dir))
-
-
-def model_config(args, data_cfg: DataConfig) -> ModelConfig:
-    """ModelConfig from the flags, with sizes and feature switches from the data config (which
-    wins: e.g. time features are switched off for data without timestamps)."""
-    return ModelConfig(**{f.name: getattr(data_cfg, f.name) if hasattr(data_cfg, f.name) else getattr(args, f.name)
-                          for f in dataclasses.fields(ModelConfig)})
-
-
-def objective_config(args) -> ObjectiveConfig:
-    return ObjectiveConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ObjectiveConfig)})
+    return dataclasses.replace(cfg, mm_emb_id=mm, use_timefeat=use_timefeat)
 
 
 @dataclasses.dataclass
 class Setup:
     """Everything the training loop uses, built once by build_training."""
-    args: argparse.Namespace
+    cfg: RunConfig                        # data config with the schema filled in
     paths: dict
     device: torch.device
     rank: int
     world: int
-    data_cfg: DataConfig
-    model_cfg: ModelConfig
-    obj_cfg: ObjectiveConfig
+    budget: Budget
     ctr_dir: str
     table: D.ItemTable
     ds: D.SeqDataset
     sampler: P.EpochSampler
     loader: torch.utils.data.DataLoader
-    full_negs: dict                       # the catalogue's inputs for the full softmax, else None
-    batches_per_epoch: int
-    steps_per_epoch: int
-    epochs: int                           # the epoch budget: --num_epochs, else --max_epochs
-    total_steps: int                      # the step budget (the cosine schedule's horizon)
     log_pop: torch.Tensor                 # log popularity of every item (logQ correction)
     click_rate: float
     valid_dir: str                        # a validation folder, or None
     holdout: P.HoldoutDataset             # else the users held out of the training data, or None
-    eval_points: set                      # optimizer steps within an epoch (1-based) that validate
-    patience: int
+    negatives: Negatives = None
     model: GenerativeRecommender = None   # the bare model (checkpoints, validation)
     trainer: torch.nn.Module = None       # the loss module, wrapped in DDP when world > 1
     opt: torch.optim.Optimizer = None
     sched: torch.optim.lr_scheduler.LambdaLR = None
-    schedule: str = None                  # the LR schedule in use (--lr_schedule with auto resolved)
-    lr_scale: list = dataclasses.field(default_factory=lambda: [1.0])   # plateau cuts so far (in st too)
+    lr_scale: list = dataclasses.field(default_factory=lambda: [1.0])   # plateau cuts so far (in TrainState too)
     skipped: set = dataclasses.field(default_factory=set)   # messages of lines skipped so far
 
-    def configs(self) -> dict:
-        return {"model": self.model_cfg, "data": self.data_cfg, "objective": self.obj_cfg}
 
-
-def build_training(args, paths: dict, device: torch.device, rank: int = 0, world: int = 1, say=print,
+def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int = 0, world: int = 1, say=print,
                    with_model: bool = True) -> Setup:
-    """Data, loader, model, loss, optimizer and schedule of a run, as main() trains them and the
-    benchmarks time them (with_model=False stops after the data and loader). The global RNGs
-    must be seeded first: the model's init draws from them."""
-    ctr_dir = D.find_ctr_dir(args.ctr_dir, os.path.join(paths["cache"], "ctr"), os.path.join(paths["data"], "ctr"))
-    obj_cfg = objective_config(args)
+    """Data, loader, negatives, model, loss, optimizer and schedule of a run, as main() trains them
+    and the benchmarks time them (with_model=False stops after the data and loader). The global
+    RNGs must be seeded first: the model's init draws from them."""
+    loop, obj = cfg.loop, cfg.objective
+    ctr_dir = D.find_ctr_dir(loop.ctr_dir, os.path.join(paths["cache"], "ctr"), os.path.join(paths["data"], "ctr"))
     data_cfg, table, builder, seq_path, offsets = D.load_train_data(
-        paths["data"], data_config(args, paths["data"], say), paths["cache"], ctr_dir, args.limit_users,
-        args.skip_bad_records, rank_packages=obj_cfg.use_rankloss or obj_cfg.rank_pkg_as_neg,
-        keep_items=obj_cfg.use_hard_neg)
+        paths["data"], resolve_data(cfg.data, paths["data"], say), paths["cache"], ctr_dir, loop.limit_users,
+        loop.skip_bad_records, rank_packages=obj.use_rankloss or obj.rank_pkg_as_neg, keep_items=obj.use_hard_neg)
+    cfg = dataclasses.replace(cfg, data=data_cfg)
     counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items,
-                                       args.skip_bad_records)
+                                       loop.skip_bad_records)
     table.set_popularity(counts, head_min)
     # add-one smoothing: no item has sampling probability 0
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
     click_rate = float(table.ctr_c.sum() / max(1.0, table.ctr_n.sum())) if table.ctr_meta else 0.1
 
-    valid_dir = None if args.valid_dir == "none" else (args.valid_dir or _default_valid(paths["data"]))
+    valid_dir = None if loop.valid_dir == "none" else (loop.valid_dir or _default_valid(paths["data"]))
     cut = {}
-    if valid_dir is None and args.valid_dir != "none" and args.valid_users > 0:
-        cut = D.holdout_last_clicks(seq_path, offsets, args.valid_users, args.valid_seed, args.skip_bad_records)
+    if valid_dir is None and loop.valid_dir != "none" and loop.valid_users > 0:
+        cut = D.holdout_last_clicks(seq_path, offsets, loop.valid_users, loop.valid_seed, loop.skip_bad_records)
         if not cut:
             say("notice: no training user has a click after an earlier event, so none can be held out: "
                 "training without validation")
-    ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=args.seed, skip_bad=args.skip_bad_records, cut=cut)
+    ds = D.SeqDataset(seq_path, offsets, builder, train=True, seed=loop.seed, skip_bad=loop.skip_bad_records, cut=cut)
     holdout = P.HoldoutDataset(seq_path, offsets, cut, builder) if cut else None
-    sampler, loader = make_loader(ds, table, args, device, rank, world)
-    batches_per_epoch = math.ceil(sampler.epoch_len / args.batch_size)
-    full_negs = None
-    if obj_cfg.full_softmax:             # the catalogue's inputs never change
-        full_negs = {k: v.to(device) for k, v in P.sample_negatives(table, -1, data_cfg.num_items).items()}
-
-    spe = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    epochs = args.num_epochs if args.num_epochs is not None else args.max_epochs
-    total_steps = spe * epochs if not args.max_steps else min(spe * epochs, args.max_steps)
-    n_evals = max(1, math.ceil(spe / (args.eval_every or 1000)))       # validations per epoch, evenly spread
-    eval_points = {math.ceil(j * spe / n_evals) for j in range(1, n_evals + 1)}
-    patience = args.patience if args.patience is not None else (0 if args.num_epochs is not None else 10)
-    s = Setup(args, paths, device, rank, world, data_cfg, model_config(args, data_cfg), obj_cfg, ctr_dir, table, ds,
-              sampler, loader, full_negs, batches_per_epoch, spe, epochs, total_steps, log_pop, click_rate,
-              valid_dir, holdout, eval_points, patience)
-    return add_model(s, say) if with_model else s
+    sampler, loader = make_loader(ds, table, loop, device, rank, world)
+    budget = plan(loop, sampler.epoch_len)
+    s = Setup(cfg, paths, device, rank, world, budget, ctr_dir, table, ds, sampler, loader, log_pop, click_rate,
+              valid_dir, holdout)
+    if not with_model:
+        return s
+    s.negatives = Negatives(obj, table, data_cfg.num_items, device, paths["cache"])
+    s.model, s.trainer, s.opt, s.sched = build_model(cfg, budget, log_pop, click_rate, device, world, s.lr_scale, say)
+    return s
 
 
-def make_loader(ds: D.SeqDataset, table: D.ItemTable, args, device: torch.device, rank: int = 0, world: int = 1,
-                num_workers: int = None, batch_size: int = None) -> tuple:
-    """(EpochSampler, DataLoader) of the training users: this rank's shard, length-bucketed unless
-    --length_bucketing 0, packed by PackedCollate in `num_workers` workers (default the flag's)."""
-    bs = batch_size or args.batch_size
-    sampler = P.EpochSampler(len(ds), world, rank, args.seed, bs, ds.lines.line_bytes() if args.length_bucketing else None)
+def make_loader(ds: D.SeqDataset, table: D.ItemTable, loop: LoopConfig, device: torch.device, rank: int = 0,
+                world: int = 1, num_workers: int = None, batch_size: int = None) -> tuple:
+    """(EpochSampler, DataLoader) of the training users: this rank's shard, length-bucketed when
+    loop.length_bucketing, packed by PackedCollate in `num_workers` workers (default the config's)."""
+    bs = batch_size or loop.batch_size
+    nw = loop.num_workers if num_workers is None else num_workers
+    sampler = P.EpochSampler(len(ds), world, rank, loop.seed, bs, ds.lines.line_bytes() if loop.length_bucketing else None)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=bs, sampler=sampler, num_workers=args.num_workers if num_workers is None else num_workers,
-        pin_memory=args.pin_memory and device.type == "cuda", collate_fn=P.PackedCollate(table),
-        worker_init_fn=P.seed_worker, generator=torch.Generator().manual_seed(args.seed),
-        persistent_workers=False)
+        ds, batch_size=bs, sampler=sampler, num_workers=nw,
+        pin_memory=loop.pin_memory and device.type == "cuda", collate_fn=P.PackedCollate(table),
+        worker_init_fn=P.seed_worker, generator=torch.Generator().manual_seed(loop.seed),
+        persistent_workers=False, **({"prefetch_factor": loop.prefetch_factor} if nw > 0 else {}))
     return sampler, loader
 
 
-def add_model(s: Setup, say=print) -> Setup:
-    """The model, the loss module (in DDP when world > 1), AdamW and the warmup + cosine schedule."""
-    a, device = s.args, s.device
-    s.model = GenerativeRecommender(s.model_cfg).to(device)
-    s.trainer = Trainer(s.model, s.obj_cfg, s.log_pop, s.data_cfg.num_items, s.click_rate).to(device)
-    if s.world > 1:
-        s.trainer = torch.nn.parallel.DistributedDataParallel(
-            s.trainer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+def build_model(cfg: RunConfig, budget: Budget, log_pop: torch.Tensor, click_rate: float, device: torch.device,
+                world: int = 1, lr_scale: list = None, say=print) -> tuple:
+    """(model, loss module (in DDP when world > 1), AdamW, warmup + cosine/constant schedule)."""
+    loop = cfg.loop
+    model = GenerativeRecommender(cfg.model, cfg.data).to(device)
+    trainer = Trainer(model, cfg.objective, log_pop, cfg.data.num_items, click_rate).to(device)
+    if world > 1:
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            trainer, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     decay, no_decay = [], []
-    for n, prm in s.model.named_parameters():
+    for n, prm in model.named_parameters():
         (no_decay if prm.dim() < 2 or "emb" in n or "norm" in n else decay).append(prm)
-    s.opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98),
-                              fused=device.type == "cuda")
-    warmup = min(a.warmup_steps, s.total_steps // 5)
-    if warmup < a.warmup_steps:
-        say(f"notice: --warmup_steps {a.warmup_steps} capped to {warmup} (a fifth of the {s.total_steps} steps)")
-    s.schedule = a.lr_schedule
-    if s.schedule == "auto":
-        s.schedule = "cosine" if a.num_epochs is not None or a.max_steps else "plateau"
-    s.sched = torch.optim.lr_scheduler.LambdaLR(s.opt, lr_lambda(warmup, s.total_steps, s.schedule, s.lr_scale))
-    return s
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": loop.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=loop.lr, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
+    warmup = min(loop.warmup_steps, budget.total_steps // 5)
+    if warmup < loop.warmup_steps:
+        say(f"notice: --warmup_steps {loop.warmup_steps} capped to {warmup} (a fifth of the {budget.total_steps} steps)")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, budget.total_steps, budget.schedule,
+                                                             lr_scale if lr_scale is not None else [1.0]))
+    return model, trainer, opt, sched
 
 
 def _default_valid(data_dir: str):

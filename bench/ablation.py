@@ -80,7 +80,7 @@ def public_run(name, flags, seed, data, out, epochs, fmt):
     import public
     run = os.path.join(out, f"{name}_s{seed}")
     t0 = time.time()
-    subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *public.RECOMMENDED[fmt], *flags, "--num_epochs",
+    subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", public.CONFIGS[fmt], *flags, "--num_epochs",
                     str(epochs), "--valid_dir", "none", "--seed", str(seed), "--resume", "none"],
                    env=public.run_env(data, run), check=True, stdout=subprocess.DEVNULL)
     train_s = time.time() - t0
@@ -168,7 +168,7 @@ def main():
             sys.path.insert(0, os.path.join(ROOT, "bench"))
             import public
             title, what = (f"Ablations on public data `{a.data}` ({a.public}, validation split)",
-                           f"Base flags: bench/public.py's `{' '.join(public.RECOMMENDED[a.public])}` with "
+                           f"Base flags: `--config {os.path.relpath(public.CONFIGS[a.public], ROOT)}` with "
                            f"`--num_epochs {a.epochs}` and no early stopping; full ranking of the validation split, "
                            f"input history masked")
         else:

@@ -34,8 +34,8 @@ def write_checkpoint(train_dir, cache_dir, root):
     B.ensure_ctr(train_dir, cache_dir)
     s = B.build_training(RECOMMENDED, train_dir, cache_dir)
     st = {"step": 0, "epoch": 0, "micro": 0, "best": None, "bad_epochs": 0, "nonfinite": 0}
-    C.save(root, s.model, s.configs(), s.args, s.opt, s.sched, st, {}, 0, 1)
-    return s.model_cfg.hidden_units
+    C.save(root, s.model, s.cfg.saved(), {}, s.opt, s.sched, st, {}, 0, 1)
+    return s.cfg.model.hidden_units
 
 
 def run_infer(data, cache, ckpt, result):

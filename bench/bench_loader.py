@@ -205,9 +205,9 @@ def parity(s, bds, users):
     assert np.array_equal(base["token_type"].numpy() == 1, item), "item positions differ"
     assert np.array_equal(base["seq"].numpy()[item], seq_rows[item]), "history item ids differ"
     sp = packed["seq_sparse"].numpy()[packed["seq_inv"].numpy()]
-    for j, k in enumerate(s.data_cfg.item_sparse):
+    for j, k in enumerate(s.cfg.data.item_sparse):
         assert np.array_equal(base[f"seq_{k}"].numpy()[item], sp[..., j][item]), f"item feature {k} differs"
-    for fid in s.data_cfg.mm_emb_id:
+    for fid in s.cfg.data.mm_emb_id:
         mm = packed[f"seq_mm_{fid}"].numpy()[packed["seq_inv"].numpy()]
         assert np.allclose(base[f"seq_mm_{fid}"].numpy()[item], mm[item]), f"mm {fid} differs"
     assert np.array_equal(base["action"].numpy()[item], packed["action"].numpy()[item]), "actions differ"
@@ -247,7 +247,7 @@ def main():
     B.ensure_ctr(train, a.cache)
     s = B.build_training(B.RECOMMENDED + ["--mm_emb_id", *a.mm_emb_id, "--batch_size", str(a.batch_size),
                                           "--seed", str(a.seed)], train, a.cache)
-    bds = BaselineDataset(train, s.data_cfg, [str(x) for x in a.mm_emb_id])
+    bds = BaselineDataset(train, s.cfg.data, [str(x) for x in a.mm_emb_id])
     checked = parity(s, bds, list(range(0, len(s.ds), max(1, len(s.ds) // 16)))[:16])
     print(f"parity: {checked} item positions of 16 users identical in both loaders")
 
@@ -278,7 +278,7 @@ def main():
 
     e2e = []
     for _ in range(a.repeats):
-        it = iter(B.packed_loader(s, s.args.num_workers, a.batch_size))
+        it = iter(B.packed_loader(s, s.cfg.loop.num_workers, a.batch_size))
         B.train_step(s, B.add_negatives(s, next(it)))
         t = time.perf_counter()
         for _ in range(a.train_steps):
@@ -289,8 +289,8 @@ def main():
 
     best_base = max(b for b, _ in res.values())
     best_packed = max(k for _, k in res.values())
-    body = (f"Demo data `{a.data}` (make_demo_data.py defaults: {len(s.ds)} users, {s.data_cfg.num_items} items, "
-            f"maxlen {s.data_cfg.maxlen}), batch {a.batch_size}, multimodal {a.mm_emb_id}. Baseline-style = the "
+    body = (f"Demo data `{a.data}` (make_demo_data.py defaults: {len(s.ds)} users, {s.cfg.data.num_items} items, "
+            f"maxlen {s.cfg.data.maxlen}), batch {a.batch_size}, multimodal {a.mm_emb_id}. Baseline-style = the "
             f"official baseline's per-position feature dicts, tensorised feature by feature in the main process "
             f"(feat2tensor); packed = dataset.SeqDataset + PackedCollate in workers, plus main.py's sampled negatives. "
             f"Parity checked on {checked} item positions. Median of {a.repeats} runs ({a.batches} baseline / "
@@ -300,10 +300,10 @@ def main():
             + f"\n\nBest packed ({best_packed:.2f} batches/s) over best baseline ({best_base:.2f}): "
               f"**{best_packed / best_base:.1f}x** (goal >= 5x).\n\n"
               f"End-to-end training (recommended flags `{' '.join(B.RECOMMENDED)}`, defaults otherwise: HSTU "
-              f"d={s.model_cfg.hidden_units}, {s.model_cfg.num_blocks} blocks, {s.args.num_neg} sampled negatives, "
-              f"{s.args.num_workers} loader worker): **{B.med(e2e):.1f} samples/s** (median of {a.repeats} runs of "
+              f"d={s.cfg.model.hidden_units}, {s.cfg.model.num_blocks} blocks, {s.cfg.objective.num_neg} sampled negatives, "
+              f"{s.cfg.loop.num_workers} loader worker): **{B.med(e2e):.1f} samples/s** (median of {a.repeats} runs of "
               f"{a.train_steps} steps; runs {', '.join(f'{x:.1f}' for x in e2e)}); the loader alone delivers "
-              f"{res.get(s.args.num_workers, (0, 0))[1] * a.batch_size:.0f} samples/s, so training is compute-bound.\n"
+              f"{res.get(s.cfg.loop.num_workers, (0, 0))[1] * a.batch_size:.0f} samples/s, so training is compute-bound.\n"
               f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine).")
     print(body)
     if not a.no_record:

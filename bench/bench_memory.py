@@ -86,7 +86,7 @@ def probe(a):
             if i + 1 == a.batches:
                 break
         out["batches_s"] = time.perf_counter() - t
-        out["users"], out["items"] = len(s.ds), s.data_cfg.num_items
+        out["users"], out["items"] = len(s.ds), s.cfg.data.num_items
         out["user_index_entries"] = len(s.ds.builder.user_index)
     elif a.probe == "attrib":
         import precompute_ctr as P

@@ -41,19 +41,19 @@ CONFIGS = {
 
 def forward_flops(s, batch):
     """Analytic forward FLOPs of one training batch (see the module docstring)."""
-    c, a = s.model_cfg, s.args
+    c, a, dc = s.cfg.model, s.cfg.objective, s.cfg.data
     d, f, h = c.hidden_units, c.feat_dim or c.hidden_units, c.num_heads
     Bsz, T = batch["token_type"].shape
     P = Bsz * T
     valid = (batch["pos_row"] > 0) & (batch["token_type"] != L.PAD)
     N = int(valid.sum())
-    S = a.num_neg if a.num_neg >= 0 else c.num_items
+    S = a.num_neg if a.num_neg >= 0 else dc.num_items
     M = (min(N, a.in_batch_max) if a.in_batch_neg else 0) + S
-    n_item_blocks = 1 + len(c.item_sparse) + len(c.item_array) + len(c.mm_dims) + int(c.use_itemctr)
-    item = 2 * f * sum(c.mm_dims.values()) + 2 * f * int(c.use_itemctr) + 2 * n_item_blocks * f * d + 2 * d * d
+    n_item_blocks = 1 + len(dc.item_sparse) + len(dc.item_array) + len(dc.mm_dims) + int(dc.use_itemctr)
+    item = 2 * f * sum(dc.mm_dims.values()) + 2 * f * int(dc.use_itemctr) + 2 * n_item_blocks * f * d + 2 * d * d
     rows = len(batch["seq_id"]) + len(batch["pos_id"]) + S
-    user = 2 * (1 + len(c.user_sparse) + len(c.user_array)) * f * d + 2 * d * d
-    events = 2 * d * (int(c.use_timefeat) + int(c.use_userctr))
+    user = 2 * (1 + len(dc.user_sparse) + len(dc.user_array)) * f * d + 2 * d * d
+    events = 2 * d * (int(dc.use_timefeat) + int(dc.use_userctr))
     if c.encoder_type == "hstu":
         blk_pos = 2 * d * h * (2 * c.dv + 2 * c.dqk) + 2 * h * c.dv * d
         blk_seq = 2 * T * T * h * (c.dqk + c.dv)
@@ -141,7 +141,7 @@ def main():
         print(compile_line)
 
     body = (f"Demo data `{a.data}` (make_demo_data.py defaults), batch {a.batch_size}, maxlen "
-            f"{rec['s'].data_cfg.maxlen} (T = {rec['s'].data_cfg.maxlen + 1} tokens), {rec['s'].args.num_neg} sampled "
+            f"{rec['s'].cfg.data.maxlen} (T = {rec['s'].cfg.data.maxlen + 1} tokens), {rec['s'].cfg.objective.num_neg} sampled "
             f"negatives, CPU fp32. Model step only (batches loaded before timing). Median of {a.repeats} interleaved "
             f"runs of {a.steps} steps. Measured fp32 GEMM peak (2048^3 torch.mm): **{peak / 1e9:.1f} GFLOP/s**. "
             f"FLOPs: analytic, matmuls only, training = 3 x forward (formula in the script's docstring). "

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import config as CF  # noqa: E402
 import dataset_packed as P  # noqa: E402
 import layout as L  # noqa: E402
 import main as M  # noqa: E402
@@ -76,22 +77,21 @@ def ensure_ctr(train_dir, cache_dir):
 def build_training(argv, data_dir, cache_dir, device="cpu", with_model=True):
     """training.build_training for the flags `argv` on DATA_DIR with CACHE_DIR (no logging, no
     checkpoints, no DDP): exactly the run main.py would train, its RNGs seeded the same way."""
-    args = M.get_args(list(argv))
-    M.resolve_ctr_flags(args)
-    TR.seed_everything(args.seed)
+    cfg = CF.from_args(M.get_args(list(argv)))
+    TR.seed_everything(cfg.loop.seed)
     paths = {"data": data_dir, "cache": cache_dir}
-    return TR.build_training(args, paths, torch.device(device), say=lambda *a: None, with_model=with_model)
+    return TR.build_training(cfg, paths, torch.device(device), say=lambda *a: None, with_model=with_model)
 
 
 def packed_loader(s, num_workers, batch_size=None):
     """main.py's DataLoader (training.make_loader: EpochSampler, PackedCollate) in `num_workers` workers."""
-    return TR.make_loader(s.ds, s.table, s.args, s.device, num_workers=num_workers, batch_size=batch_size)[1]
+    return TR.make_loader(s.ds, s.table, s.cfg.loop, s.device, num_workers=num_workers, batch_size=batch_size)[1]
 
 
 def add_negatives(s, batch):
     """What main.py's loop adds to each batch in the training process before the step."""
-    if s.args.num_neg:
-        batch.update(P.sample_negatives(s.table, s.args.num_neg, s.data_cfg.num_items))
+    if s.cfg.objective.num_neg:
+        batch.update(P.sample_negatives(s.table, s.cfg.objective.num_neg, s.cfg.data.num_items))
     batch.pop("_items", None)
     return batch
 
@@ -101,8 +101,8 @@ def train_step(s, batch, step_fn=None):
     batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
     loss = (s.trainer if step_fn is None else step_fn)(batch)[0]
     loss.backward()
-    if s.args.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.args.clip_norm)
+    if s.cfg.loop.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.loop.clip_norm)
     s.opt.step()
     s.sched.step()
     s.opt.zero_grad(set_to_none=True)

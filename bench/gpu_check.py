@@ -159,7 +159,7 @@ def train_throughput(dev, train, cache, steps, batch_size, workers):
         with amp:
             loss = s.trainer(b)[0]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.args.clip_norm)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.loop.clip_norm)
         s.opt.step()
         s.opt.zero_grad(set_to_none=True)
     for b in pre[:2]:

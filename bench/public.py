@@ -1,9 +1,9 @@
 """Public benchmark: convert a dataset, train with validation-based selection, score the test split.
 
-    python bench/public.py --format s3rec --input ../shared/data/s3rec-Beauty --out runs/beauty [--seeds 2]
-    python bench/public.py --format movielens --input ../shared/data/ml-100k --out runs/ml100k -- --encoder_type transformer
+    python bench/public.py --format s3rec --input PATH/s3rec-Beauty --out runs/beauty [--seeds 2]
+    python bench/public.py --format movielens --input PATH/ml-100k --out runs/ml100k -- --encoder_type transformer
 
-Protocol (BENCHMARKS_PROTOCOL.md): leave-one-out split (convert_public.py), full ranking over every
+Protocol (docs/BENCHMARKS_PROTOCOL.md): leave-one-out split (convert_public.py), full ranking over every
 item with the user's input history masked, ties counted against the target; the checkpoint is
 chosen on validation NDCG@10 (main.py keeps best.json, stops early with --patience), never on
 test. Arguments after `--` go to main.py and override the recommended configuration.
@@ -20,25 +20,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Recommended configurations, one per data family, chosen on Beauty's and ml-100k's validation
-# splits by the bisect against a plain SASRec (BENCHMARKS.md, "Beauty bisect"): id rows as item
-# tokens (no feature tower, no query head), dot-product scores with tied input/output rows, a full
-# softmax over the catalogue, small init (--emb_init_std 0.02), no user id row or user token, no
-# length bucketing, lr 2e-3 with a short warmup, weight decay 0.01 and clipping. Time features
-# are off: on ml-100k the calendar rows identify each rating session. Encoder-specific sizes
-# (--dqk/--dv for HSTU) are ignored by the transformer (`-- --encoder_type transformer`).
-COMMON = ["--hidden_units", "64", "--num_blocks", "1", "--num_heads", "1", "--dqk", "64", "--dv", "64",
-          "--attn_dropout", "0.2", "--item_tower", "id", "--score", "dot", "--query_head", "0",
-          "--use_type_emb", "0", "--use_user_token", "0", "--use_user_id", "0", "--use_timefeat", "0",
-          "--num_neg", "-1", "--lr", "2e-3", "--warmup_steps", "200", "--weight_decay", "0.01", "--clip_norm", "1",
-          "--batch_size", "128", "--emb_init_std", "0.02", "--length_bucketing", "0"]
-RECOMMENDED = {
-    # Amazon/Yelp-style: short sessions, ~7 events per user; a 30-epoch cosine schedule, best epoch kept
-    "s3rec": COMMON + ["--maxlen", "50", "--dropout_rate", "0.3", "--num_epochs", "30", "--patience", "8"],
-    # MovieLens-style: long histories, few users (ml-100k: 8 steps per epoch), so open length:
-    # up to --max_epochs with the plateau schedule, stopped by patience on validation
-    "movielens": COMMON + ["--maxlen", "200", "--dropout_rate", "0.2", "--patience", "20"],
-}
+# The recommended configuration of each data family is a config file (configs/s3rec.toml,
+# configs/movielens.toml: chosen on Beauty's and ml-100k's validation splits; the reasons are in
+# the files); flags after `--` override it.
+CONFIGS = {"s3rec": os.path.join(ROOT, "configs", "s3rec.toml"), "movielens": os.path.join(ROOT, "configs", "movielens.toml")}
 
 
 def get_args():
@@ -93,7 +78,7 @@ def main():
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         run = os.path.join(a.out, f"{a.name}_seed{seed}")
         env = run_env(data, run)
-        cmd = [sys.executable, "-u", os.path.join(ROOT, "main.py"), *RECOMMENDED[a.format], "--seed", str(seed),
+        cmd = [sys.executable, "-u", os.path.join(ROOT, "main.py"), "--config", CONFIGS[a.format], "--seed", str(seed),
                "--valid_dir", os.path.join(data, "valid"), *a.main_args]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True)

@@ -1239,8 +1239,7 @@ def test_bad_input(cid, script, how, corrupt, expected, args, world, tmp_path, m
             _train_here([*TRAIN[1:], *args])
         else:
             import infer
-            monkeypatch.setattr(sys, "argv", ["infer.py", "--num_workers", "0", *args])
-            infer.infer()
+            infer.infer(argv=["--num_workers", "0", *args])
     assert str(e.value) == _fill(expected, subs)
     assert_nothing_lost(d, before, failed=True)
 
@@ -1374,11 +1373,12 @@ def test_infer_outputs_are_published_all_or_none(tmp_path, monkeypatch):
 
 
 def test_infer_worker_timeout_is_one_line(monkeypatch):
-    """A DataLoader worker that sends no batch in time (infer.WORKER_TIMEOUT_S, 600 s; 1 s here) stops
-    the user export with one line naming --num_workers, not a hang or a traceback."""
+    """A DataLoader worker that sends no batch in time (validation.WORKER_TIMEOUT_S, 600 s; 1 s here)
+    stops the user export with one line naming --num_workers, not a hang or a traceback."""
     import time
     import types
-    import infer
+
+    import validation
 
     class Stuck(torch.utils.data.Dataset):
         def __len__(self):
@@ -1387,10 +1387,10 @@ def test_infer_worker_timeout_is_one_line(monkeypatch):
         def __getitem__(self, i):
             time.sleep(8)
             return {}
-    monkeypatch.setattr(infer, "WORKER_TIMEOUT_S", 1)
+    monkeypatch.setattr(validation, "WORKER_TIMEOUT_S", 1)
     model = types.SimpleNamespace(cfg=types.SimpleNamespace(hidden_units=4))
     with pytest.raises(L.DataError) as e:
-        infer.embed_users(model, Stuck(), None, torch.device("cpu"), batch_size=1, num_workers=1)
+        validation.embed_users(model, Stuck(), None, torch.device("cpu"), batch_size=1, num_workers=1)
     assert str(e.value) == ("--num_workers 1: no batch from the DataLoader workers in 1 s (a worker hung or is "
                             "starved); run again, or with --num_workers 0")
 
@@ -1399,15 +1399,19 @@ def test_validation_nan_is_a_diverged_run(monkeypatch):
     """NaN vectors found by validation stop training with the flags to change (TrainingError,
     exit 3), not retrieval's "query: vectors hold NaN"."""
     import types
-    import infer
+
+    import config
     import main
+    import training
+    import validation
 
     def diverged(*a, **k):
-        infer.check_finite(candidate_vectors=np.ones((3, 2), np.float32), user_queries=np.array([[np.inf]], np.float32))
-    monkeypatch.setattr(infer, "holdout_metrics", diverged)
-    s = types.SimpleNamespace(holdout=object(), model=None, table=None, data_cfg=types.SimpleNamespace(num_items=3),
-                              device=None, args=types.SimpleNamespace(lr=0.001, clip_norm=0.0))
+        validation.check_finite(candidate_vectors=np.ones((3, 2), np.float32),
+                                user_queries=np.array([[np.inf]], np.float32))
+    monkeypatch.setattr(validation, "holdout_metrics", diverged)
+    cfg = config.from_args(main.get_args(["--lr", "0.001", "--clip_norm", "0"]))
+    s = types.SimpleNamespace(holdout=object(), model=None, table=None, device=None, cfg=cfg)
     with pytest.raises(main.TrainingError) as e:
-        main.validate(s, {"step": 7}, None)
+        main.validate(s, training.TrainState(step=7), None)
     assert str(e.value) == ("the run diverged: at step 7 the model's user queries hold NaN or inf (validation); "
                             "lower --lr (now 0.001) or set --clip_norm (e.g. 1.0; now off)")

@@ -84,10 +84,10 @@ def test_config_from_dict_across_versions():
 
 
 def tiny_model():
-    cfg = ModelConfig(hidden_units=8, feat_dim=4, num_blocks=1, num_heads=2, dqk=4, dv=4, maxlen=5, num_users=3,
-                      num_items=7, use_timefeat=False)
+    cfg = ModelConfig(hidden_units=8, feat_dim=4, num_blocks=1, num_heads=2, dqk=4, dv=4)
+    data = DataConfig(maxlen=5, use_timefeat=False, num_users=3, num_items=7)
     torch.manual_seed(0)
-    return GenerativeRecommender(cfg), DataConfig(maxlen=5, use_timefeat=False, num_users=3, num_items=7)
+    return GenerativeRecommender(cfg, data), data
 
 
 def write(root, step, model, data_cfg, model_cfg_dict=None, extra=None, meta=True):
@@ -99,6 +99,18 @@ def write(root, step, model, data_cfg, model_cfg_dict=None, extra=None, meta=Tru
     if meta:
         (d / "meta.json").write_text("{}")
     return d
+
+
+def test_checkpoint_with_the_data_fields_in_its_model_config_loads(tmp_path):
+    """Config version 2 kept a copy of the data's sizes and switches in model_config: they are
+    dropped on load (DataConfig holds them) and the weights load unchanged."""
+    model, data_cfg = tiny_model()
+    old = {**model.cfg.to_dict(), **{k: getattr(data_cfg, k) for k in ModelConfig.MOVED}}
+    write(tmp_path, 2, model, data_cfg, old, extra={"config_version": 2})
+    got, dcfg, _, _ = C.load_for_inference(str(tmp_path))
+    assert got.cfg == model.cfg and dcfg == data_cfg and got.data == data_cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v)
 
 
 def test_checkpoint_from_before_a_new_field_loads(tmp_path, monkeypatch):

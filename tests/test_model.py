@@ -10,13 +10,19 @@ import model as M
 T = 9
 
 
+DATA_FIELDS = ("maxlen", "num_users", "num_items", "user_sparse", "user_array", "item_sparse", "item_array",
+               "mm_dims", "use_timefeat", "use_userctr", "use_itemctr")
+
+
 def make_cfg(**kw):
+    """(ModelConfig, DataConfig) of a tiny model; keyword arguments go to whichever owns them."""
     base = dict(hidden_units=16, num_blocks=2, num_heads=2, dqk=8, dv=8, dropout_rate=0.0, maxlen=T - 1,
                 num_users=20, num_items=50, user_sparse={"103": 5}, user_array={"106": 4},
                 item_sparse={"100": 6, "101": 7}, item_array={"125": 5}, mm_dims={"81": 4},
-                use_timefeat=True, use_userctr=True, use_itemctr=True)
+                use_timefeat=True, use_userctr=True, use_itemctr=True, item_tower="mlp", feat_dim=0)
     base.update(kw)
-    return M.ModelConfig(**base)
+    return (M.ModelConfig(**{k: v for k, v in base.items() if k not in DATA_FIELDS}),
+            M.DataConfig(**{k: v for k, v in base.items() if k in DATA_FIELDS}))
 
 
 def make_batch(B=3, n_events=(8, 5, 2), seed=0):
@@ -110,7 +116,7 @@ def test_bucket_functions_hand_computed():
 def test_no_future_leakage(opts):
     """Changing events after position t changes no encoder output at or before t."""
     torch.manual_seed(0)
-    m = M.GenerativeRecommender(make_cfg(**opts)).eval()
+    m = M.GenerativeRecommender(*make_cfg(**opts)).eval()
     a = make_batch()
     b = {k: v.clone() for k, v in a.items()}
     t = 5                                      # positions > t are changed for every user
@@ -127,9 +133,9 @@ def test_no_future_leakage(opts):
 def test_left_padding_does_not_change_outputs(opts):
     """The same events with more left padding (a longer window) give the same outputs."""
     torch.manual_seed(0)
-    m1 = M.GenerativeRecommender(make_cfg(**opts)).eval()
+    m1 = M.GenerativeRecommender(*make_cfg(**opts)).eval()
     cfg2 = make_cfg(maxlen=T - 1 + 4, **opts)
-    m2 = M.GenerativeRecommender(cfg2).eval()
+    m2 = M.GenerativeRecommender(*cfg2).eval()
     sd = m1.state_dict()
     sd2 = m2.state_dict()
     for k, v in sd.items():
@@ -147,7 +153,7 @@ def test_left_padding_does_not_change_outputs(opts):
 @pytest.mark.parametrize("opts", OPTIONS)
 def test_training_step_reduces_loss(opts):
     torch.manual_seed(0)
-    m = M.GenerativeRecommender(make_cfg(**opts))
+    m = M.GenerativeRecommender(*make_cfg(**opts))
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     b = make_batch()
     item = {"id": b["seq_id"], "sparse": b["seq_sparse"], "array": b["seq_array"], "mm_81": b["seq_mm_81"],
@@ -167,7 +173,7 @@ def test_training_step_reduces_loss(opts):
 
 def test_id_dropout_only_in_training_and_senet_shapes():
     torch.manual_seed(0)
-    m = M.GenerativeRecommender(make_cfg(use_senet=True))
+    m = M.GenerativeRecommender(*make_cfg(use_senet=True))
     b = make_batch()
     m.set_id_dropout(1.0)
     m.eval()
@@ -186,7 +192,7 @@ def test_id_dropout_only_in_training_and_senet_shapes():
 
 def test_small_init_mode_sets_every_table_and_zero_tower_biases():
     torch.manual_seed(0)
-    unit, small = M.GenerativeRecommender(make_cfg()), M.GenerativeRecommender(make_cfg(emb_init_std=0.02))
+    unit, small = M.GenerativeRecommender(*make_cfg()), M.GenerativeRecommender(*make_cfg(emb_init_std=0.02))
     tables = lambda m: {n: p.detach() for n, p in m.named_parameters() if n.endswith("weight") and "emb" in n}
     assert set(tables(small)) == set(tables(unit)) and len(tables(small)) >= 6
     for n, w in tables(small).items():
@@ -215,11 +221,11 @@ def test_user_id_switch():
     b = {k: v.clone() for k, v in a.items()}
     b["user_id"] = a["user_id"] % 20 + 1                 # ids 1..20: every one moves
     assert (b["user_id"] != a["user_id"]).all()
-    off = M.GenerativeRecommender(make_cfg(use_user_id=False)).eval()
+    off = M.GenerativeRecommender(*make_cfg(use_user_id=False)).eval()
     assert off.user_tower.id_emb.num_embeddings == 1
     torch.testing.assert_close(off.encode(pack(a)), off.encode(pack(b)))
     c = {k: v.clone() for k, v in a.items()}
     c["user_sparse"] = (a["user_sparse"] + 1) % 5
     assert not torch.allclose(off.encode(pack(a)), off.encode(pack(c)))
-    on = M.GenerativeRecommender(make_cfg()).eval()
+    on = M.GenerativeRecommender(*make_cfg()).eval()
     assert not torch.allclose(on.encode(pack(a)), on.encode(pack(b)))

@@ -212,8 +212,8 @@ def test_trimmed_batch_gives_the_same_loss(demo):
     import numpy as np
     import dataset as D
     import dataset_packed as P
+    import config
     import main as M
-    import training
     from model import GenerativeRecommender
     from objectives import Trainer
     cfg = D.DataConfig(maxlen=200, use_userctr=True, use_itemctr=True, mm_emb_id=["81"])
@@ -226,10 +226,11 @@ def test_trimmed_batch_gives_the_same_loss(demo):
     args = M.get_args(["--use_ctr", "--use_rel_bias", "--use_rankloss=1", "--action_cond", "--maxlen", "200",
                        "--hidden_units", "16", "--feat_dim", "8", "--dqk", "8", "--dv", "8", "--num_heads", "2",
                        "--dropout_rate", "0"])
+    run_cfg = config.from_args(args)
     torch.manual_seed(0)
-    model = GenerativeRecommender(training.model_config(args, cfg)).eval()
+    model = GenerativeRecommender(run_cfg.model, cfg).eval()
     log_pop = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
-    trainer = Trainer(model, training.objective_config(args), log_pop, cfg.num_items, 0.1)
+    trainer = Trainer(model, run_cfg.objective, log_pop, cfg.num_items, 0.1)
     negs = P.sample_negatives(table, 16, cfg.num_items, torch.Generator().manual_seed(0))
     out = []
     for trim in (True, False):
