@@ -1,9 +1,8 @@
 """Convert a public sequential-recommendation dataset (MovieLens, S3Rec-style Amazon) into the
-TencentGR layout of ../shared/docs/DATA_FORMAT.md, split leave-one-out as in
-../shared/docs/BENCHMARKS_PROTOCOL.md.
+TencentGR layout of docs/DATA_FORMAT.md, split leave-one-out as in docs/BENCHMARKS_PROTOCOL.md.
 
-    python convert_public.py --format movielens --input ../shared/data/ml-100k --out data/ml100k
-    python convert_public.py --format s3rec --input ../shared/data/s3rec-Beauty --out data/beauty
+    python convert_public.py --format movielens --input PATH/ml-100k --out data/ml100k
+    python convert_public.py --format s3rec --input PATH/s3rec-Beauty --out data/beauty
 
 Inputs
   movielens: --input is the folder; the variant is recognised by its ratings file:

@@ -2,7 +2,7 @@
 
 HR@K = 1[target in the top K], NDCG@K = 1/log2(rank + 1) for the target's 1-based rank within
 the top K (else 0), both averaged over every user in the ground truth (a user missing from the
-result counts as a miss). Score = 0.31 * HR@10 + 0.69 * NDCG@10 (../shared/docs/DATA_FORMAT.md).
+result counts as a miss). Score = 0.31 * HR@10 + 0.69 * NDCG@10 (docs/DATA_FORMAT.md).
 
     python evaluate.py --result result.json --ground_truth ground_truth.jsonl \
         [--k 10] [--train_dir DIR --eval_dir DIR]

@@ -2,7 +2,7 @@
 
 Writes OUT/train (seq.jsonl, seq_offsets.pkl, item_feat_dict.json, indexer.pkl, creative_emb/)
 and OUT/eval (predict_seq.jsonl, predict_seq_offsets.pkl, predict_set.jsonl, ground_truth.jsonl)
-in the layout of ../shared/docs/DATA_FORMAT.md, quirks included (null actions, repeated items,
+in the layout of docs/DATA_FORMAT.md, quirks included (null actions, repeated items,
 unseen users / items / feature values in the eval files, items without multimodal vectors).
 
 The world: items live in a latent taste space (clusters + noise); each step a user picks the next

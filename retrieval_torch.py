@@ -1,7 +1,7 @@
 """Vectors in, neighbours out: .fbin / .u64bin I/O and exact streaming top-k inner-product search.
 
 This file sees vectors only (no model, no dataset readers). The binary layouts are the ones in
-../shared/docs/DATA_FORMAT.md: a uint32 (N, D) header, then the row-major payload, little-endian.
+docs/DATA_FORMAT.md: a uint32 (N, D) header, then the row-major payload, little-endian.
 
 The exact search streams the base in chunks: one GEMM per (query chunk, base chunk), then the
 maxima of 64-row groups are compared with each query's running k-th best score, so only the few
