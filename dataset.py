@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataConfig, DataError, LineReader, atomic_write,
-                    dump_json, file_fingerprint, iter_jsonl, load_pickle, parse_user_records, read_item_feat_dict,
-                    read_json, read_offsets, same_source, show_json, with_location)
+                    dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, parse_user_records,
+                    read_item_feat_dict, read_json, read_offsets, same_source, show_json, with_location)
 import precompute_ctr as P
 from precompute_ctr import ctr_value, load_ctr
 
@@ -130,62 +130,6 @@ def time_features(ts) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Multimodal vectors: creative_emb/ -> one memory-mapped table per feature, built once
 # ---------------------------------------------------------------------------------------------
-
-def mm_sources(emb_dir: str, fid: str) -> list:
-    """Files holding feature `fid`: emb_{fid}_*.pkl and/or emb_{fid}_*/ Spark shards."""
-    out = []
-    if os.path.isdir(emb_dir):
-        for name in sorted(os.listdir(emb_dir)):
-            if not name.startswith(f"emb_{fid}_"):
-                continue
-            p = os.path.join(emb_dir, name)
-            if os.path.isdir(p):
-                out += [os.path.join(p, s) for s in sorted(os.listdir(p))
-                        if s.startswith("part-") or s.endswith(".json")]
-            elif name.endswith(".pkl"):
-                out.append(p)
-    return out
-
-
-def _mm_cid(cid, where):
-    """A creative id key: an int, or its decimal string (pickled dicts from some converters)."""
-    if isinstance(cid, str) and cid.isascii() and cid.isdigit():
-        return int(cid)
-    if not isinstance(cid, (int, np.integer)) or isinstance(cid, bool) or cid < 0:
-        raise DataError(f"{where}: creative id {show_json(cid)} is not a non-negative int")
-    return int(cid)
-
-
-def _mm_vector(vec, where):
-    """A vector as flat float32: a non-empty list (or numpy array) of numbers."""
-    try:
-        a = np.asarray(vec) if isinstance(vec, (list, np.ndarray)) else None
-    except ValueError:                       # ragged nested lists
-        a = None
-    if a is None or a.ndim == 0 or a.size == 0 or a.dtype.kind not in "fiu":
-        raise DataError(f"{where}: emb is {show_json(vec)}, expected a non-empty list of numbers")
-    return a.astype(np.float32).reshape(-1)
-
-
-def iter_mm_vectors(emb_dir: str, fid: str):
-    """Yield (creative_id, float32 vector, where) for feature `fid`, whichever form it is stored in."""
-    for src in mm_sources(emb_dir, fid):
-        if src.endswith(".pkl"):
-            table = load_pickle(src)
-            if not isinstance(table, dict):
-                raise DataError(f"{src}: a pickled {type(table).__name__}, expected a dict "
-                                f"creative_id -> vector")
-            for cid, vec in table.items():
-                cid = _mm_cid(cid, src)
-                where = f"{src}: creative id {cid}"
-                yield cid, _mm_vector(vec, where), where
-            continue
-        for lineno, obj in iter_jsonl(src):
-            where = f"{src}:{lineno}"
-            if type(obj) is not dict or "anonymous_cid" not in obj or "emb" not in obj:
-                raise DataError(f"{where}: expected an object {{\"anonymous_cid\": <int>, \"emb\": [floats]}}")
-            yield _mm_cid(obj["anonymous_cid"], where), _mm_vector(obj["emb"], where), where
-
 
 def mm_fingerprint(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int) -> dict:
     """What a multimodal cache is built from: the item count, a hash of the creative id -> re-id

@@ -39,75 +39,13 @@ import zipfile
 
 import numpy as np
 
-from layout import (ArgumentParser, DataError, atomic_write, check_writable, dump_json, file_fingerprint,
-                    iter_jsonl, load_pickle, read_json, run_cli, same_source, show_json)
+from layout import (ArgumentParser, DataError, _mm_cid, atomic_write, check_writable, dump_json, file_fingerprint,
+                    iter_mm_vectors, load_pickle, mm_sources, read_json, run_cli, same_source, show_json)
 
 CODES_FILE = "sid_codes.npy"
 CODEBOOK_FILE = "sid_codebook.npz"
 META_FILE = "sid_meta.json"
 CHUNK_ELEMS = 1 << 23   # distance-matrix entries per chunk of nearest(): 64 MiB of float64
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the vectors. mm_sources .. iter_mm_vectors are copies of dataset.py's readers, which
-# cannot be imported here without torch; dataset.py should later import them from one
-# torch-free place instead of keeping its own.
-# ---------------------------------------------------------------------------------------------
-
-def mm_sources(emb_dir: str, fid: str) -> list:
-    """Files holding feature `fid`: emb_{fid}_*.pkl and/or emb_{fid}_*/ Spark shards."""
-    out = []
-    if os.path.isdir(emb_dir):
-        for name in sorted(os.listdir(emb_dir)):
-            if not name.startswith(f"emb_{fid}_"):
-                continue
-            p = os.path.join(emb_dir, name)
-            if os.path.isdir(p):
-                out += [os.path.join(p, s) for s in sorted(os.listdir(p))
-                        if s.startswith("part-") or s.endswith(".json")]
-            elif name.endswith(".pkl"):
-                out.append(p)
-    return out
-
-
-def _mm_cid(cid, where):
-    """A creative id key: an int, or its decimal string (pickled dicts from some converters)."""
-    if isinstance(cid, str) and cid.isascii() and cid.isdigit():
-        return int(cid)
-    if not isinstance(cid, (int, np.integer)) or isinstance(cid, bool) or cid < 0:
-        raise DataError(f"{where}: creative id {show_json(cid)} is not a non-negative int")
-    return int(cid)
-
-
-def _mm_vector(vec, where):
-    """A vector as flat float32: a non-empty list (or numpy array) of numbers."""
-    try:
-        a = np.asarray(vec) if isinstance(vec, (list, np.ndarray)) else None
-    except ValueError:                       # ragged nested lists
-        a = None
-    if a is None or a.ndim == 0 or a.size == 0 or a.dtype.kind not in "fiu":
-        raise DataError(f"{where}: emb is {show_json(vec)}, expected a non-empty list of numbers")
-    return a.astype(np.float32).reshape(-1)
-
-
-def iter_mm_vectors(emb_dir: str, fid: str):
-    """Yield (creative_id, float32 vector, where) for feature `fid`, whichever form it is stored in."""
-    for src in mm_sources(emb_dir, fid):
-        if src.endswith(".pkl"):
-            table = load_pickle(src)
-            if not isinstance(table, dict):
-                raise DataError(f"{src}: a pickled {type(table).__name__}, expected a dict "
-                                f"creative_id -> vector")
-            for cid, vec in table.items():
-                cid = _mm_cid(cid, src)
-                where = f"{src}: creative id {cid}"
-                yield cid, _mm_vector(vec, where), where
-            continue
-        for lineno, obj in iter_jsonl(src):
-            where = f"{src}:{lineno}"
-            if type(obj) is not dict or "anonymous_cid" not in obj or "emb" not in obj:
-                raise DataError(f"{where}: expected an object {{\"anonymous_cid\": <int>, \"emb\": [floats]}}")
-            yield _mm_cid(obj["anonymous_cid"], where), _mm_vector(obj["emb"], where), where
 
 
 def read_item_ids(indexer_path) -> dict:
