@@ -21,6 +21,7 @@ from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataConfig, 
                     dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, parse_user_records,
                     read_item_feat_dict, read_json, read_offsets, same_source, show_json, with_location)
 import precompute_ctr as P
+import precompute_sid as S
 from precompute_ctr import ctr_value, load_ctr
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +235,42 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
 # Item table: every per-item input, by row (row = item re-id; cold items appended at inference)
 # ---------------------------------------------------------------------------------------------
 
+def sid_codebook(cfg: DataConfig):
+    """The run's semantic-id codebook (cfg.sid, saved in the checkpoint) as precompute_sid's
+    assign_codes takes it; None when semantic ids are off."""
+    if not cfg.use_sid:
+        return None
+    if not cfg.sid.get("centroids"):
+        raise DataError("semantic ids are on (--use_sid) but the configuration holds no codebook; "
+                        "run precompute_sid.py on the training folder")
+    return {"centroids": [np.asarray(c, np.float64) for c in cfg.sid["centroids"]],
+            "dims": [int(d) for d in cfg.sid["dims"]], "normalize": bool(cfg.sid["normalize"]),
+            "feature_ids": [str(f) for f in cfg.sid["feature_ids"]]}
+
+
+def load_sid_codebook(sid_dir: str, data_dir: str) -> dict:
+    """precompute_sid.py's codebook of this training folder, as DataConfig.sid. Refuses a missing
+    folder, a codebook computed from another folder, and one whose sources changed since."""
+    hint = (f"run python precompute_sid.py --data_dir {data_dir} --output_dir "
+            f"{sid_dir or '<USER_CACHE_PATH>/sid'} --reuse (or turn --use_sid off)")
+    if not sid_dir or not os.path.isfile(os.path.join(sid_dir, S.META_FILE)):
+        raise DataError(f"{sid_dir or 'USER_CACHE_PATH/sid'}: no {S.META_FILE} (--use_sid); {hint}")
+    meta_path = os.path.join(sid_dir, S.META_FILE)
+    meta = read_json(meta_path)
+    book = S.load_codebook(os.path.join(sid_dir, S.CODEBOOK_FILE))
+    srcs = meta.get("sources") if isinstance(meta, dict) else None
+    idx = os.path.abspath(os.path.join(data_dir, "indexer.pkl"))
+    if not isinstance(srcs, list) or not srcs or not isinstance(srcs[0], dict) or srcs[0].get("path") != idx:
+        raise DataError(f"{meta_path}: semantic ids of {meta.get('data_dir') if isinstance(meta, dict) else '?'}, "
+                        f"not of the training folder {data_dir}; {hint}")
+    for rec in srcs:
+        if not isinstance(rec, dict) or not same_source(rec, rec.get("path", "")):
+            raise DataError(f"{meta_path}: computed from {rec.get('path') if isinstance(rec, dict) else rec} as it "
+                            f"was then (size or time differ now); {hint}")
+    return {"feature_ids": book["feature_ids"], "dims": book["dims"], "normalize": book["normalize"],
+            "centroids": [c.tolist() for c in book["centroids"]]}
+
+
 class ItemTable:
     """Dense per-item features so samples gather them with numpy fancy indexing in workers.
 
@@ -276,9 +313,32 @@ class ItemTable:
                                 f"expected {cfg.mm_dims[fid]} like the data the model was trained on")
             self.mm[fid], self.mm_extra[fid] = table, meta["extra"]
             self.mm_row[fid] = np.where(meta["mask"][:n], np.arange(n), -1).astype(np.int64)
+        self.sid_book = sid_codebook(cfg)
+        if self.sid_book is not None:
+            missing = [f for f in self.sid_book["feature_ids"] if f not in self.mm]
+            if missing:
+                raise DataError(f"semantic ids are codes of multimodal feature(s) {' '.join(missing)}, which this run "
+                                f"does not read (--mm_emb_id {' '.join(self.mm) or 'none'}); add them to --mm_emb_id")
+            self.sid = self.sid_codes(np.arange(n))
 
     def __len__(self):
         return len(self.id)
+
+    def sid_codes(self, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Semantic-id codes [len(rows), L] of table rows from their multimodal vectors and the
+        run's codebook (nearest centroid per level, no refit): the one construction of an item's
+        codes, in training and at inference, for trained and cold items alike. A row without a
+        vector of every codebook feature gets code 0 (none) at every level."""
+        book = self.sid_book
+        codes = np.zeros((len(rows), len(book["centroids"])), np.int64)
+        mr = np.stack([self.mm_row[f][rows] for f in book["feature_ids"]], 1)          # [n, features]
+        have = np.flatnonzero((mr >= 0).all(1))
+        for a in range(0, len(have), chunk):
+            sel = have[a:a + chunk]
+            vecs = np.concatenate([np.asarray(self.mm[f][mr[sel, j]], np.float64)
+                                   for j, f in enumerate(book["feature_ids"])], 1)
+            codes[sel] = S.assign_codes(vecs, book)
+        return codes
 
     def set_popularity(self, counts: np.ndarray, head_min_count: float) -> None:
         """Item event counts by row (from item_pop.json); hot = count >= head_min_count."""
@@ -306,6 +366,8 @@ class ItemTable:
             for fid in self.mm:
                 rows = np.array([self.mm_extra[fid].get(c, -1) for c, _ in new], np.int64)
                 self.mm_row[fid] = np.concatenate([self.mm_row[fid], rows])
+            if self.sid_book is not None:
+                self.sid = np.concatenate([self.sid, self.sid_codes(np.arange(start, start + k))])
         return np.array([self.row_of_cid.get(c, 0) for c in cids], np.int64)
 
     def loo_ctr(self, rows: np.ndarray, clicked: np.ndarray):
@@ -331,6 +393,8 @@ class ItemTable:
                 out[f"mm_{fid}"] = vec.reshape(rows.shape + (table.shape[1],))
                 masks.append(mr >= 0)
             out["mm_mask"] = np.stack(masks, -1)
+        if self.sid_book is not None:
+            out["sid"] = self.sid[rows]
         return {prefix + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
@@ -544,6 +608,23 @@ def holdout_last_clicks(seq_path: str, offsets: list, n_users: int, seed: int, s
     return cut
 
 
+def trained_items(counts: np.ndarray, seq_path: str, offsets: list, cut: dict) -> np.ndarray:
+    """bool [num_items + 1]: the items that occur in the training sequences, i.e. with an event in
+    seq.jsonl (counts, by re-id) that is not held out for validation (cut: events[k:] of those
+    lines leave training, see holdout_last_clicks)."""
+    left = np.asarray(counts, np.float64).copy()
+    if cut:
+        lines = LineReader(seq_path, offsets)
+        for i, k in cut.items():
+            records, where = lines[i]
+            for item, _, _, _ in parse_user_records(records, where)[2][k:]:
+                if isinstance(item, int) and 0 < item < len(left):
+                    left[item] -= 1
+    out = left > 0
+    out[0] = False
+    return out
+
+
 def dataset_has_timestamps(data_dir: str) -> bool:
     """False only when a converter's dataset_meta.json (in the folder or its parent) says the
     timestamps are synthetic (e.g. S3Rec: order only)."""
@@ -599,7 +680,7 @@ def load_item_pop(data_dir: str, ctr_dir: str, seq_path: str, cache_dir: str, nu
 
 def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str = None,
                     limit_lines: int = None, skip_bad: bool = False, rank_packages: bool = False,
-                    keep_items: bool = False) -> tuple:
+                    keep_items: bool = False, sid_dir: str = None) -> tuple:
     """Read a training folder: returns (the complete DataConfig: cfg with the schema, CTR
     standardisation and multimodal dimensions filled in; ItemTable; SequenceBuilder; seq path;
     offsets)."""
@@ -616,6 +697,8 @@ def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str
     cfg = derive_schema(cfg, indexer, item_feat_dict, scan_profiles(seq_path, offsets, skip_bad=skip_bad))
     item_ctr, ctr_meta = load_ctr_for(cfg, ctr_dir, seq_path)
     cfg = dataclasses.replace(cfg, ctr_meta=ctr_meta)
+    if cfg.use_sid and not cfg.sid:
+        cfg = dataclasses.replace(cfg, sid=load_sid_codebook(sid_dir, data_dir))
     table = ItemTable(cfg, indexer, item_feat_dict, os.path.join(data_dir, "creative_emb"),
                       cache_dir, item_ctr)
     cfg = dataclasses.replace(cfg, mm_dims=dict(table.mm_dims))

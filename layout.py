@@ -55,6 +55,8 @@ class DataConfig:
     item_array: dict = field(default_factory=dict)
     mm_dims: dict = field(default_factory=dict)       # fid -> vector length
     ctr_meta: dict = field(default_factory=dict)      # precompute_ctr's ctr_meta.json
+    use_sid: bool = False             # semantic-id codes of the item's multimodal vectors in the item token
+    sid: dict = field(default_factory=dict)           # their codebook (precompute_sid.py), so inference needs no file
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed (checkpoint.config_from_dict fills them in).

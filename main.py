@@ -68,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     flag("--use_itemctr", None, "item CTR channel (defaults to --use_ctr)")
     g.add_argument("--ctr_dir", default=None, help="folder of precompute_ctr.py outputs "
                    "(default: USER_CACHE_PATH/ctr, then TRAIN_DATA_PATH/ctr)")
+    flag("--use_sid", False, "semantic ids: the item's RQ-KMeans codes (precompute_sid.py, one embedding table per "
+         "level) join its features; cold items get codes from their vectors with the saved codebook")
+    g.add_argument("--sid_dir", default=None, help="folder of precompute_sid.py outputs "
+                   "(default: USER_CACHE_PATH/sid, then TRAIN_DATA_PATH/sid)")
     g.add_argument("--valid_dir", default=None, help="validation folder in the eval layout, with ground_truth.jsonl "
                    "(default: ../valid beside the train folder when it exists; 'none' disables validation)")
     g.add_argument("--valid_users", type=int, default=5000,
@@ -126,6 +130,12 @@ def parser() -> argparse.ArgumentParser:
     flag("--hstu_ffn", False, "a point-wise feed-forward sub-layer (norm, 2 layers, residual) after each HSTU attention")
     flag("--action_cond", False, "tell the encoder the next action (click at inference)")
     flag("--grad_checkpoint", False, "recompute encoder blocks in the backward pass to save memory")
+    g.add_argument("--cold_ids", choices=["mask", "keep"], default="mask",
+                   help="items without a training event: mask = scored through id row 0, by their features alone, "
+                        "in training and at inference; keep = their own (untrained) id rows")
+    g.add_argument("--item_id_dropout", type=float, default=0.0,
+                   help="drop item id rows with this rate at every training step, so the features alone learn to "
+                        "carry an item, as they must for cold items")
     g.add_argument("--first_epoch_id_item_dropout", type=float, nargs="?", const=0.5, default=0.0,
                    help="drop user/item id embeddings with this rate in epoch 1, cosine-annealed to 0 by its "
                         "end (bare flag: 0.5; default off)")
@@ -229,7 +239,8 @@ _FLOAT_RANGE = {"lr": (0, None, False), "temperature": (0, None, False), "tau_cl
                 "tau_expo": (0, None, False), "emb_init_std": (0, None, False), "click_weight": (0, None, False),
                 "weight_decay": (0, None, True), "clip_norm": (0, None, True), "focal_gamma": (0, None, True),
                 "lambda_rank": (0, None, True), "dropout_rate": (0, 1, True), "attn_dropout": (0, 1, True),
-                "first_epoch_id_item_dropout": (0, 1, True), "plateau_factor": (0, 1, False),
+                "first_epoch_id_item_dropout": (0, 1, True), "item_id_dropout": (0, 1, True),
+                "plateau_factor": (0, 1, False),
                 "rope_theta": (1, None, False), "expo_weight": (0, None, True), "weight_cap": (0, None, True),
                 "rankloss_tau": (0, None, True)}
 
@@ -261,6 +272,9 @@ def check_args(args) -> None:
     if not args.use_item_id and args.item_tower == "id":
         bad("use_item_id", 0, "an item tower with features (--item_tower add or mlp): with --item_tower id the id "
             "row is all there is")
+    if args.use_sid and args.item_tower == "id":
+        bad("use_sid", 1, "an item tower with features (--item_tower add or mlp): with --item_tower id the codes "
+            "would be unused")
     if args.use_rope and args.rope_dim:
         width = args.dqk if args.encoder_type == "hstu" else args.hidden_units // args.num_heads
         if args.rope_dim % 2 or args.rope_dim > width:
@@ -419,7 +433,8 @@ def train_steps(s: Setup, st: TrainState, log: RunLog, t0: float):
                    disable=not (master and sys.stderr.isatty()))
         win, window_ok = Window(), True
         for batch in bar:
-            s.model.set_id_dropout(id_dropout_at(a.first_epoch_id_item_dropout, epoch, st.micro / b.batches_per_epoch))
+            s.model.set_id_dropout(id_dropout_at(a.first_epoch_id_item_dropout, epoch, st.micro / b.batches_per_epoch),
+                                   a.item_id_dropout)
             s.negatives.add(batch)
             user_items = batch.pop("_items", None)
             log_skipped(s, batch.pop("_skipped", []))
@@ -494,10 +509,10 @@ def validate(s: Setup, st: TrainState, log: RunLog) -> tuple:
     applies. Updates the best step and the patience count; returns (metrics, history masked)."""
     try:
         if s.holdout is not None:
-            both = V.holdout_metrics(s.model, s.table, s.holdout, s.cfg.data.num_items, s.device)
+            both = V.holdout_metrics(s.model, s.table, s.holdout, s.cfg.data.num_items, s.device, trained=s.trained)
         else:
             both = V.evaluate_folder(s.model, s.cfg.data, s.table, s.valid_dir, s.paths["data"], s.device,
-                                     mask_history=None)
+                                     mask_history=None, trained=s.trained)
     except V.DivergedError as e:
         raise TrainingError(f"the run diverged: at step {st.step} the model's {e.what} hold NaN or inf "
                             f"(validation); {diverged_hint(s.cfg)}") from None

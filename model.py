@@ -59,13 +59,14 @@ class ModelConfig:
     senet_reduction: int = 2          # SENet bottleneck: blocks // this
     rope_theta: float = 10000.0       # RoPE base
     rope_dim: int = 0                 # RoPE on the first rope_dim dims of each head (0 = all)
+    cold_ids: str = "mask"            # mask: items without a training event use id row 0 (features only); keep
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed, removed and moved fields
     # (checkpoint.config_from_dict). The data's sizes and feature switches live in DataConfig
     # (layout.py) only: earlier checkpoints also kept a copy here, which is dropped on load.
     LEGACY: ClassVar[dict] = {"item_tower": "mlp", "score": "cosine", "query_head": True, "use_type_emb": True,
-                              "use_user_token": True, "hstu_ffn": False}
+                              "use_user_token": True, "hstu_ffn": False, "cold_ids": "keep"}
     RENAMED: ClassVar[dict] = {}
     REMOVED: ClassVar[dict] = {}
     MOVED: ClassVar[tuple] = ("maxlen", "num_users", "num_items", "user_sparse", "user_array", "item_sparse",
@@ -121,11 +122,11 @@ class FeatureTower(nn.Module):
     """
 
     def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet, init_std=1.0, kind="mlp",
-                 senet_reduction=2):
+                 senet_reduction=2, sid_vocab=()):
         super().__init__()
         self.kind = kind
-        if kind != "mlp":
-            sparse, array, mm_dims, use_ctr = ({}, {}, {}, False) if kind == "id" else (sparse, array, mm_dims, use_ctr)
+        if kind == "id":
+            sparse, array, mm_dims, use_ctr, sid_vocab = {}, {}, {}, False, ()
         self.id_emb = nn.Embedding(num_ids + 1, d if kind != "mlp" else f, padding_idx=0)
         self.sparse = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in sparse.values())
         self.array = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in array.values())
@@ -133,14 +134,17 @@ class FeatureTower(nn.Module):
         self.mm = nn.ModuleList(nn.Linear(dim, f) for dim in mm_dims.values())
         self.mm_missing = nn.Parameter(torch.zeros(len(mm_dims), f)) if mm_dims else None
         self.ctr = nn.Linear(1, f) if use_ctr else None
-        n_blocks = int(kind == "mlp") + len(self.sparse) + len(self.array) + len(self.mm) + int(use_ctr)
+        # one table per semantic-id column (code 0: no code), each a feature block like a sparse one
+        self.sid = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in sid_vocab)
+        n_blocks = (int(kind == "mlp") + len(self.sparse) + len(self.array) + len(self.mm) + int(use_ctr)
+                    + len(self.sid))
         self.senet = SENet(n_blocks, senet_reduction) if use_senet and n_blocks else None
         self.proj = nn.Sequential(nn.Linear(n_blocks * f, d), nn.SiLU(), nn.Linear(d, d)) if n_blocks else None
         self.id_dropout = 0.0
         if init_std != 1.0:
             # small-init mode (see GenerativeRecommender): rows N(0, init_std), zero biases, so
             # the tower's output starts item-specific instead of one shared bias vector
-            for emb in [self.id_emb, *self.sparse, *self.array]:
+            for emb in [self.id_emb, *self.sparse, *self.array, *self.sid]:
                 small_init_(emb, init_std)
             for lin in [*(self.proj or []), *self.mm, self.ctr]:
                 if isinstance(lin, nn.Linear):
@@ -163,6 +167,7 @@ class FeatureTower(nn.Module):
             blocks.append(lin(x[f"mm_{fid}"].to(e.dtype)) * present + self.mm_missing[j] * (1 - present))
         if self.ctr is not None:
             blocks.append(self.ctr(x["ctr"].unsqueeze(-1).to(e.dtype)))
+        blocks += [emb(x["sid"][..., j]) for j, emb in enumerate(self.sid)]
         if not blocks:
             return e                                              # kind "id": [..., d]
         b = torch.stack(blocks, -2)                               # [..., n_blocks, f]
@@ -311,6 +316,11 @@ def attention(q, k, v, allowed, bias, kind: str, dropout_p: float) -> torch.Tens
     return w @ v
 
 
+def sid_vocab(data: DataConfig) -> list:
+    """Table sizes of the semantic-id columns: codes 1..K of each level, 0 for none."""
+    return [len(c) + 1 for c in data.sid.get("centroids", ())] if data.use_sid else []
+
+
 class GenerativeRecommender(nn.Module):
     """The encoder with its item and user towers. cfg: the model's own settings; data: the data's
     schema and feature switches (table sizes, feature ids, time and CTR channels)."""
@@ -321,7 +331,12 @@ class GenerativeRecommender(nn.Module):
         d, f = cfg.hidden_units, cfg.feat_dim or cfg.hidden_units
         self.item_tower = FeatureTower(data.num_items if cfg.use_item_id else 0, data.item_sparse, data.item_array,
                                        data.mm_dims, data.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std,
-                                       cfg.item_tower, cfg.senet_reduction)
+                                       cfg.item_tower, cfg.senet_reduction, sid_vocab(data))
+        if cfg.cold_ids == "mask":
+            # Which item ids had a training event (set by the trainer, saved with the weights). The
+            # rest are scored through id row 0, i.e. by their features alone, at every step, as
+            # they are at inference: an id row that never got a gradient is noise, not an item.
+            self.register_buffer("item_trained", torch.ones(data.num_items + 1, dtype=torch.bool))
         self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
@@ -352,8 +367,15 @@ class GenerativeRecommender(nn.Module):
             self.register_buffer("rope_freq", 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2).float() / dh),
                                  persistent=False)
 
-    def set_id_dropout(self, p: float) -> None:
-        self.item_tower.id_dropout = self.user_tower.id_dropout = p
+    def set_id_dropout(self, p: float, item_p: float = 0.0) -> None:
+        """Id dropout of both towers (p), the item tower's at least item_p."""
+        self.user_tower.id_dropout = p
+        self.item_tower.id_dropout = max(p, item_p)
+
+    def set_trained_items(self, trained: torch.Tensor) -> None:
+        """trained: bool [num_items + 1], the item ids that occur in the training sequences."""
+        if self.cfg.cold_ids == "mask":
+            self.item_trained.copy_(trained.to(self.item_trained.device))
 
     @staticmethod
     def _sub(batch, prefix):
@@ -362,7 +384,12 @@ class GenerativeRecommender(nn.Module):
 
     def embed_items(self, batch: dict, prefix: str) -> torch.Tensor:
         """The single item-embedding function: history tokens, targets, negatives, candidates."""
-        return self.item_tower({k: v for k, v in self._sub(batch, prefix).items() if k != "inv"})
+        x = {k: v for k, v in self._sub(batch, prefix).items() if k != "inv"}
+        if not self.cfg.use_item_id:
+            x["id"] = torch.zeros_like(x["id"])
+        elif self.cfg.cold_ids == "mask":
+            x["id"] = x["id"] * self.item_trained[x["id"]]
+        return self.item_tower(x)
 
     def token_types(self, batch: dict) -> torch.Tensor:
         """Token types [B, T] as the encoder sees them: without the user token it is padding."""

@@ -61,6 +61,8 @@ class LoopConfig:
     limit_users: int = None
     skip_bad_records: bool = False
     first_epoch_id_item_dropout: float = 0.0
+    item_id_dropout: float = 0.0       # every step: item id rows dropped at this rate (features must carry items)
+    sid_dir: str = None                # precompute_sid.py outputs (None: USER_CACHE_PATH/sid, then TRAIN_DATA_PATH/sid)
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -193,6 +195,7 @@ class Setup:
     sched: torch.optim.lr_scheduler.LambdaLR = None
     lr_scale: list = dataclasses.field(default_factory=lambda: [1.0])   # plateau cuts so far (in TrainState too)
     skipped: set = dataclasses.field(default_factory=set)   # messages of lines skipped so far
+    trained: np.ndarray = None            # bool by item re-id: occurs in the training sequences (cold: False)
 
 
 def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int = 0, world: int = 1, say=print,
@@ -202,9 +205,12 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     RNGs must be seeded first: the model's init draws from them."""
     loop, obj = cfg.loop, cfg.objective
     ctr_dir = D.find_ctr_dir(loop.ctr_dir, os.path.join(paths["cache"], "ctr"), os.path.join(paths["data"], "ctr"))
+    sid_dir = loop.sid_dir or next((d for d in (os.path.join(paths["cache"], "sid"), os.path.join(paths["data"], "sid"))
+                                    if os.path.isdir(d)), None)
     data_cfg, table, builder, seq_path, offsets = D.load_train_data(
         paths["data"], resolve_data(cfg.data, paths["data"], say), paths["cache"], ctr_dir, loop.limit_users,
-        loop.skip_bad_records, rank_packages=obj.use_rankloss or obj.rank_pkg_as_neg, keep_items=obj.use_hard_neg)
+        loop.skip_bad_records, rank_packages=obj.use_rankloss or obj.rank_pkg_as_neg, keep_items=obj.use_hard_neg,
+        sid_dir=sid_dir)
     cfg = dataclasses.replace(cfg, data=data_cfg)
     counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items,
                                        loop.skip_bad_records)
@@ -230,6 +236,8 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
         return s
     s.negatives = Negatives(obj, table, data_cfg.num_items, device, paths["cache"])
     s.model, s.trainer, s.opt, s.sched = build_model(cfg, budget, log_pop, click_rate, device, world, s.lr_scale, say)
+    s.trained = D.trained_items(counts, seq_path, offsets, cut)
+    s.model.set_trained_items(torch.from_numpy(s.trained))
     return s
 
 

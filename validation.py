@@ -147,13 +147,30 @@ def target_ranks(q: np.ndarray, c: np.ndarray, target: np.ndarray, exclude: list
     return ranks
 
 
-def _by_mask(q, c, target, exclude, mask_history, ks, missing=0) -> dict:
-    """Metrics with the history masked (True), not masked (False) or both ({"plain", "masked"});
-    `missing` more users count as misses."""
+def split_metrics(ranks: np.ndarray, cold: np.ndarray, ks) -> dict:
+    """metrics_from_ranks over all users, plus HR@10 / NDCG@10 / Score of the users whose target
+    is cold (no training event) and warm (prefixed cold_ / warm_; absent for an empty group) and
+    cold_share, the cold targets' share. cold: bool per rank."""
     import evaluate as E
+    out = E.metrics_from_ranks(ranks, ks)
+    if cold is None:
+        return out
+    for name, sel in (("cold", cold), ("warm", ~cold)):
+        if sel.any():
+            out.update({f"{name}_{k}": v for k, v in E.metrics_from_ranks(ranks[sel], (10,)).items()})
+    out["cold_share"] = float(cold.mean()) if cold.size else 0.0
+    return out
+
+
+def _by_mask(q, c, target, exclude, mask_history, ks, missing=0, cold=None) -> dict:
+    """Metrics with the history masked (True), not masked (False) or both ({"plain", "masked"});
+    `missing` more users count as misses (warm ones); cold: bool per target, True where the
+    target item has no training event (adds the cold/warm split, see split_metrics)."""
+    if cold is not None:
+        cold = np.concatenate([np.asarray(cold, bool), np.zeros(missing, bool)])
 
     def metrics(excl):
-        return E.metrics_from_ranks(np.concatenate([target_ranks(q, c, target, excl), np.full(missing, MISS)]), ks)
+        return split_metrics(np.concatenate([target_ranks(q, c, target, excl), np.full(missing, MISS)]), cold, ks)
     if mask_history is None:
         return {"plain": metrics(None), "masked": metrics(exclude)}
     return metrics(exclude if mask_history else None)
@@ -161,7 +178,7 @@ def _by_mask(q, c, target, exclude, mask_history, ks, missing=0) -> dict:
 
 @torch.no_grad()
 def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir: str, train_dir: str, device,
-                    mask_history=True, ks=(10, 50, 200), top_k: int = 0):
+                    mask_history=True, ks=(10, 50, 200), top_k: int = 0, trained: np.ndarray = None):
     """Full-ranking metrics on an eval-layout folder with ground_truth.jsonl (validation/test):
     every candidate is ranked, ties counted against the target, the user's input history masked
     (mask_history True, the benchmark protocol: a target in the history is then lost, as at
@@ -179,12 +196,17 @@ def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir:
     keep = [i for i, u in enumerate(users) if u in gt and int(gt[u]) in col]
     target = np.array([col[int(gt[users[i]])] for i in keep], np.int64)
     masked = history_exclude(hist, rows)
-    m = _by_mask(q[keep], c, target, [masked[i] for i in keep], mask_history, ks, len(gt) - len(keep))
+    cold = None
+    if trained is not None:          # a candidate row beyond the training items (appended) is cold
+        r = rows[target]
+        cold = ~np.where(r < len(trained), trained[np.minimum(r, len(trained) - 1)], False)
+    m = _by_mask(q[keep], c, target, [masked[i] for i in keep], mask_history, ks, len(gt) - len(keep), cold)
     return (m, users, top_k_ids(q, c, cids, top_k, masked if mask_history else None)) if top_k else m
 
 
 @torch.no_grad()
-def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(10, 50, 200)) -> dict:
+def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(10, 50, 200),
+                    trained: np.ndarray = None) -> dict:
     """Full-ranking metrics on the validation slice held out of the training users
     (dataset_packed.HoldoutDataset): every catalogue item is ranked, ties count against the
     target. Scored as inference could run: {"plain": metrics, "masked": metrics with the user's
@@ -196,6 +218,7 @@ def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(1
     model.train(was_training)
     check_finite(candidate_vectors=c, user_queries=q)
     target = np.asarray(ex["_target"], np.int64) - 1                     # row r is candidate r - 1
-    return _by_mask(q, c, target, [np.unique(h[h > 0]) - 1 for h in ex["_history"]], None, ks)
+    cold = None if trained is None else ~trained[target + 1]
+    return _by_mask(q, c, target, [np.unique(h[h > 0]) - 1 for h in ex["_history"]], None, ks, cold=cold)
 
 
