@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataConfig, DataError, LineReader, atomic_write,
-                    dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, parse_user_records,
-                    read_item_feat_dict, read_json, read_offsets, same_source, show_json, with_location)
+                    dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, own_folder,
+                    parse_user_records, read_item_feat_dict, read_json, read_offsets, same_source, show_json,
+                    sweep_temp, with_location)
 import precompute_ctr as P
 from precompute_ctr import ctr_value, load_ctr
 
@@ -167,9 +168,26 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
     Returns (memmap table, meta) where meta has 'dim', 'mask' (bool per row) and 'extra' (cid ->
     row). The cache is reused only when its fingerprint (mm_fingerprint) matches: same items,
     same id map, same source files (not checked when the sources are not at hand); otherwise it
-    is rebuilt, with a notice.
+    is rebuilt, with a notice. The index also records the size and time of the table and mask it
+    describes, and a rebuild deletes it first: a rebuild killed midway leaves no index vouching
+    for the new vectors. One run at a time checks and builds (the cache's mm/ folder is locked):
+    another run waits for it, then reuses what it built; temporary files of a killed build are
+    swept first. A run that already mapped the table keeps its vectors when another rebuilds.
     """
     out = os.path.join(cache_dir, "mm")
+    with own_folder(out, "USER_CACHE_PATH", wait=True):
+        sweep_temp(out, lambda name: name.startswith(f".emb_{fid}."))
+        return _mm_cache(emb_dir, fid, cid_to_reid, num_items, out)
+
+
+def _cache_file(path: str) -> list:
+    """[size, modification time] of a cache file: what its index records of it."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, out: str) -> tuple:
+    """build_mm_cache's work, with the cache folder `out` held."""
     npy, idx_path = os.path.join(out, f"emb_{fid}.npy"), os.path.join(out, f"emb_{fid}.index.json")
     mask_path = os.path.join(out, f"emb_{fid}.mask.npy")
     fp = mm_fingerprint(emb_dir, fid, cid_to_reid, num_items)
@@ -178,13 +196,16 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
         old = meta.get("fingerprint") or {"num_items": meta.get("num_items")}
         same = (old.get("num_items") == num_items and old.get("ids_sha1") in (None, fp["ids_sha1"])
                 and (fp["sources"] is None or old.get("sources") == fp["sources"]))
-        if same and os.path.exists(npy) and os.path.exists(mask_path):
+        files = ({"npy": _cache_file(npy), "mask": _cache_file(mask_path)}
+                 if os.path.exists(npy) and os.path.exists(mask_path) else None)
+        if same and files is not None and meta.get("files") == files:
             table = np.load(npy, mmap_mode="r")
             meta["extra"] = {int(c): r for c, r in meta["extra"].items()}
             meta["mask"] = np.load(mask_path)
             return table, meta
-        print(f"notice: {idx_path} was built from other data (items, ids or creative_emb files changed); rebuilding",
-              flush=True)
+        why = ("items, ids or creative_emb files changed" if not same else
+               "its table files are not those it indexed (a rebuild was interrupted, or they were replaced)")
+        print(f"notice: {idx_path} was built from other data ({why}); rebuilding", flush=True)
     if not emb_dir or not os.path.isdir(emb_dir):
         raise DataError(f"{emb_dir or 'creative_emb'}: folder not found, expected the vectors of "
                         f"multimodal feature {fid} (emb_{fid}_*.pkl or emb_{fid}_*/part-*)")
@@ -205,6 +226,8 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
         raise DataError(f"{emb_dir}: no vectors for multimodal feature {fid} "
                         f"(looked for emb_{fid}_*.pkl and emb_{fid}_*/part-*)")
     os.makedirs(out, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(idx_path)        # until the new index is written last, no index vouches for these files
     rows = num_items + 1 + len(extra)
     tmp = os.path.join(out, f".emb_{fid}.npy.{os.getpid()}.tmp")     # layout.atomic_write's naming
     try:
@@ -226,8 +249,9 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
     with atomic_write(mask_path, "wb") as f:
         np.save(f, mask)
     dump_json({"fid": fid, "dim": dim, "num_items": num_items, "rows": rows, "fingerprint": fp,
+               "files": {"npy": _cache_file(npy), "mask": _cache_file(mask_path)},
                "extra": {str(c): r for c, r in extra.items()}}, idx_path)
-    return build_mm_cache(emb_dir, fid, cid_to_reid, num_items, cache_dir)
+    return _mm_cache(emb_dir, fid, cid_to_reid, num_items, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import dataset as D
 import dataset_packed as P
 import retrieval_torch as R
-from layout import DataError, load_pickle
+from layout import DataError, load_pickle, worker_signals
 
 # Seconds a DataLoader worker may take to deliver one batch of user sequences before the run
 # stops (a hung worker would otherwise wait forever); far above a real batch's time.
@@ -72,13 +72,18 @@ def _no_hang(loader, num_workers: int):
                         f"(a worker hung or is starved); run again, or with --num_workers 0") from None
 
 
+def _worker_init(worker_id: int) -> None:
+    """A user-export worker stops with its main process, never outlives it (layout.worker_signals)."""
+    worker_signals()
+
+
 @torch.no_grad()
 def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, num_workers: int = 0,
                 keep=("_user", "_history", "_target")) -> tuple:
     """Queries [U, d] of a dataset of user samples (newest position, asking for a click), and the
     per-sample extras named in `keep`, each a list in dataset order (the rest are dropped)."""
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=P.PackedCollate(table),
+                                         collate_fn=P.PackedCollate(table), worker_init_fn=_worker_init,
                                          timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
     queries, n, extras = np.empty((len(ds), model.cfg.hidden_units), np.float32), 0, {}
     for b in _no_hang(loader, num_workers):
