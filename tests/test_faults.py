@@ -395,3 +395,108 @@ def test_new_flags_into_a_folder_of_a_finished_run_are_refused(trained, data, mo
     assert re.fullmatch(rf"{re.escape(str(ck))}/global_step\d+: holds another run, finished, trained with other "
                         rf"settings \(hidden_units 8 here, 16 there\); use another TRAIN_CKPT_PATH for a run with "
                         rf"these flags", str(e.value)), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Stop signals: one line, exit 128 + N, no traceback, no process left behind
+# ---------------------------------------------------------------------------------------------
+
+# infer.py as the harness runs it, with its DataLoader worker held in its first batch: the worker
+# prints a marker, then blocks; the signal is sent once the marker is read
+INFER_HELD = """
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import dataset_packed as P
+def held(self, i):
+    print(f"worker {os.getpid()} in a batch", flush=True)
+    time.sleep(3600)
+P.PredictSeqDataset.__getitem__ = held
+import infer, layout
+sys.argv = ["infer.py"]
+layout.run_cli(infer.main)
+"""
+
+
+def alive(pid):
+    """Whether a process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def gone(pids, guard=60):
+    """Wait (a guard, not a timing assertion) for processes that are being taken down."""
+    end = time.time() + guard
+    while any(alive(p) for p in pids) and time.time() < end:
+        time.sleep(0.05)
+    return not any(alive(p) for p in pids)
+
+
+def children(pid):
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130),
+                                              (signal.SIGKILL, False, -9)])
+def test_inference_stopped_by_a_signal(trained, data, tmp_path, sig, group, code):
+    """SIGTERM from a harness, Ctrl-C (the whole group) and SIGKILL during the user export: the
+    run ends with "stopped by SIG..." and 128 + N (SIGKILL: killed outright), no traceback, no
+    output published, and its DataLoader worker does not outlive it."""
+    e = {**os.environ, **env_for(data, tmp_path, MODEL_OUTPUT_PATH=str(trained[1]))}
+    put(tmp_path / "result/result.json", "earlier")
+    p = subprocess.Popen([PY, "-c", INFER_HELD], cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        line = p.stdout.readline()
+        while line and not line.endswith(" in a batch\n"):
+            line = p.stdout.readline()
+        assert line, p.communicate()
+        worker = int(line.split()[1])
+        (os.killpg if group else os.kill)(p.pid, sig)
+        out, err = p.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == code, err
+    assert "Traceback" not in err, err
+    if code > 0:
+        assert err.splitlines()[-1] == f"stopped by {sig.name}", err
+    assert gone([worker]), f"worker {worker} outlived infer.py"
+    assert (tmp_path / "result/result.json").read_text() == "earlier"
+    assert not [q for q in (tmp_path / "result").iterdir() if q.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_training_stopped_by_a_signal(data, tmp_path, sig):
+    """SIGTERM to main.py once it checkpoints (its worker running): a checkpoint, one line, 143;
+    SIGKILL: the worker dies with it, and the checkpoint folder is free at once (the lock went
+    with the process)."""
+    e = {**os.environ, **env_for(data, tmp_path)}
+    cmd = [PY, "main.py", *TINY, "--num_workers", "1", "--num_epochs", "8", "--ckpt_every_steps", "1"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        end = time.time() + 300            # a guard against a hang, not a timed assertion
+        while not (list((tmp_path / "ck").glob("global_step*/meta.json")) and children(p.pid)):
+            assert p.poll() is None and time.time() < end, p.communicate()
+            time.sleep(0.05)
+        workers = children(p.pid)
+        os.kill(p.pid, sig)
+        out, err = p.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "Traceback" not in err, err
+    assert gone(workers), f"workers {workers} outlived main.py"
+    if sig == signal.SIGKILL:
+        assert p.returncode == -9
+        with L.own_folder(tmp_path / "ck", "TRAIN_CKPT_PATH"):
+            pass
+        return
+    assert p.returncode == 143, err
+    saved = re.fullmatch(r"stopped by SIGTERM: saved (\S+); rerun the same command to continue\n", err)
+    assert saved and (Path(saved.group(1)) / "meta.json").exists(), err
