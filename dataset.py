@@ -13,6 +13,7 @@ import errno
 import hashlib
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -28,6 +29,24 @@ from precompute_ctr import ctr_value, load_ctr
 # Feature schema: derived from the data, never hard-coded, saved in every checkpoint
 # (DataConfig itself lives in layout.py: the model reads it too, and layout imports no torch)
 # ---------------------------------------------------------------------------------------------
+
+# Timestamps from here on (the year 5138 as Unix seconds) are milliseconds: hour, weekday and gaps
+# computed from them would be noise, so they are refused rather than read as seconds.
+MS_TIMESTAMP = 10**11
+
+
+def digit_strings(feat_dicts, what: str) -> tuple:
+    """(count, first example) of feature values written as digit strings ("12"): the layout reads
+    a string as a raw value unseen in training (re-id 0), never as a number."""
+    n, first = 0, None
+    for key, fd in feat_dicts:
+        for fid, v in (fd or {}).items():
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, str) and x.isascii() and x.isdigit():
+                    n += 1
+                    first = first or f"{what} {key} feature {fid!r}: {x!r}"
+    return n, first
+
 
 def _scan_feats(feat_dicts, sparse, array, longest):
     """Collect fid -> max scalar value (sparse) / max list value (array)."""
@@ -433,6 +452,9 @@ class SequenceBuilder:
         items = self.item_rows([e[0] for e in events])
         acts = np.array([e[2] for e in events], np.int64)
         ts = np.array([e[3] for e in events], np.int64)
+        if n and ts.max() >= MS_TIMESTAMP:
+            raise DataError(f"timestamp {int(ts.max())} is after the year 5000 as Unix seconds: milliseconds? "
+                            f"expected Unix seconds like the training data (divide by 1000)")
 
         s = {"token_type": np.zeros(T, np.int64), "seq_row": np.zeros(T, np.int64),
              "action": np.zeros(T, np.int64), "ts": np.zeros(T, np.int64),
@@ -621,6 +643,32 @@ def load_item_pop(data_dir: str, ctr_dir: str, seq_path: str, cache_dir: str, nu
     return counts, head
 
 
+_LINE_USER = re.compile(rb"\s*\[\s*\[\s*(\d+)\s*,")
+
+
+def check_one_user_per_line(seq_path: str, offsets: list) -> None:
+    """seq.jsonl holds one line per user (docs/DATA_FORMAT.md). A user on several lines would
+    train on one line the click another holds out for validation, and count twice: refused,
+    with the count and the first case. Reads only the first bytes of each line (the first
+    record's user id); a line that does not start like a record is its reader's to report."""
+    first, extra, example = {}, 0, None
+    with open(seq_path, "rb") as f:
+        for i, off in enumerate(offsets):
+            f.seek(off)
+            m = _LINE_USER.match(f.read(64))
+            if m is None:
+                continue
+            j = first.setdefault(int(m.group(1)), i)
+            if j != i:
+                extra += 1
+                example = example or (int(m.group(1)), j + 1, i + 1)
+    if extra:
+        u, a, b = example
+        raise DataError(f"{seq_path}: {extra} line(s) repeat a user of an earlier line ({len(first)} users on "
+                        f"{len(offsets)} lines; first: user {u} on lines {a} and {b}); expected one line per user: "
+                        f"merge each user's records into one line")
+
+
 def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str = None,
                     limit_lines: int = None, skip_bad: bool = False, rank_packages: bool = False,
                     keep_items: bool = False) -> tuple:
@@ -633,11 +681,20 @@ def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str
         offsets = offsets[:limit_lines]
     if not offsets:
         raise DataError(f"{seq_path}: no users (empty offsets file)")
+    check_one_user_per_line(seq_path, offsets)
     indexer = load_pickle(os.path.join(data_dir, "indexer.pkl"))
     if not isinstance(indexer, dict) or "i" not in indexer:
         raise DataError(f"{data_dir}/indexer.pkl: expected a dict with keys 'u', 'i', 'f'")
     item_feat_dict = read_item_feat_dict(os.path.join(data_dir, "item_feat_dict.json"))
-    cfg = derive_schema(cfg, indexer, item_feat_dict, scan_profiles(seq_path, offsets, skip_bad=skip_bad))
+    profiles = scan_profiles(seq_path, offsets, skip_bad=skip_bad)
+    cfg = derive_schema(cfg, indexer, item_feat_dict, profiles)
+    n_items, first_item = digit_strings(item_feat_dict.items(), "item")
+    n_users, first_user = digit_strings(enumerate(profiles, 1), "profile")
+    if n_items + n_users:
+        print(f"notice: {data_dir}: {n_items + n_users} feature values are digit strings ({n_items} in "
+              f"item_feat_dict.json, {n_users} in the first {len(profiles)} profiles; first: {first_item or first_user}); "
+              f"a string is read as a value unseen in training (0), not as a number: write re-ids as JSON numbers",
+              flush=True)
     item_ctr, ctr_meta = load_ctr_for(cfg, ctr_dir, seq_path)
     cfg = dataclasses.replace(cfg, ctr_meta=ctr_meta)
     table = ItemTable(cfg, indexer, item_feat_dict, os.path.join(data_dir, "creative_emb"),

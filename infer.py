@@ -24,7 +24,7 @@ import retrieval_torch as R
 from layout import (ArgumentParser, DataError, check_writable, dump_json, finish_publish, load_pickle, own_folder,
                     publish_files, read_item_feat_dict, run_cli, sweep_temp)
 from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_finite, embed_rows,  # noqa: F401
-                        embed_users, evaluate_folder, export, history_exclude, holdout_metrics, top_k_ids)
+                        embed_users, evaluate_folder, export, history_exclude, holdout_metrics, pick_indexer, top_k_ids)
 
 class OutputSet:
     """Output files published together, into a result folder this run owns: claim() takes the
@@ -170,8 +170,7 @@ def load_model(ckpt: str, device: torch.device, verbose: bool = False, info: dic
 
 def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_dir: str) -> tuple:
     """Item table, sequence builder and indexer for inference, from the checkpoint's schema."""
-    art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
-    indexer = load_pickle(os.path.join(art, "indexer.pkl"))
+    indexer = pick_indexer(eval_dir, train_dir)
     item_feat_dict = read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
                                                         "item_feat_dict.json"))
     ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))

@@ -558,6 +558,7 @@ def resume_state(s: Setup, st: TrainState, say) -> tuple:
                 f"to train again, use another TRAIN_CKPT_PATH")
             return resume, True
         ck = C.load_resume(resume, s.model, s.opt, s.sched, s.cfg.model, s.cfg.data, s.rank)
+        check_same_batches(ck, s.cfg.loop, resume)
         st.restore(ck)
         s.lr_scale[0] = st.lr_scale
         say(f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.micro}, step {st.step}")
@@ -566,6 +567,19 @@ def resume_state(s: Setup, st: TrainState, say) -> tuple:
         raise DataError(f"{paths['ckpt']}: holds checkpoints of another run ({steps[0]} .. {steps[-1]}) that a new run "
                         f"would overwrite; use another TRAIN_CKPT_PATH (or --resume auto to continue that run)")
     return resume, False
+
+
+def check_same_batches(ck: dict, loop, where: str) -> None:
+    """A resumed run must cut its epochs into the same batches: the loop position (batches done
+    in the epoch) and the LR schedule's length count them. Another --batch_size or
+    --gradient_accumulation_steps would skip or repeat users and move the schedule: refused."""
+    saved = ck.get("loop_config") or ck.get("args") or {}
+    for flag in ("batch_size", "gradient_accumulation_steps"):
+        was, now = saved.get(flag), getattr(loop, flag)
+        if was is not None and was != now:
+            raise DataError(f"{where}: this run was checkpointed with --{flag} {was}, not {now}; resuming with "
+                            f"another would skip or repeat users of the epoch and move the LR schedule: resume with "
+                            f"--{flag} {was}, or use another TRAIN_CKPT_PATH for a run with {now}")
 
 
 def say_start(s: Setup, say) -> None:

@@ -6,6 +6,7 @@ retrieves with top_k_ids(). Every candidate is ranked (no sampled candidates), t
 against the target; the user's input history can be masked as inference masks it.
 """
 import os
+import sys
 import time
 
 import numpy as np
@@ -43,6 +44,34 @@ def _artifact_dir(name, *dirs):
         if d and os.path.exists(os.path.join(d, name)):
             return d
     raise DataError(f"{name}: not found in any of {', '.join(d for d in dirs if d)}")
+
+
+def pick_indexer(eval_dir: str, train_dir: str) -> dict:
+    """The indexer for scoring an eval folder: the eval folder's (the harness ships one there),
+    unless the training folder's disagrees with it, a raw user or creative id mapped to another
+    re-id: then the training one wins, with a notice, since the checkpoint's user and item rows
+    follow the data it was trained on. Ids only one of them knows are no conflict."""
+    art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
+    path = os.path.join(art, "indexer.pkl")
+    other = os.path.join(train_dir, "indexer.pkl") if train_dir else None
+    if art != eval_dir or other is None or not os.path.exists(other):
+        return load_pickle(path)
+    with open(path, "rb") as a, open(other, "rb") as b:
+        if os.path.getsize(path) == os.path.getsize(other) and a.read() == b.read():
+            return load_pickle(path)
+    ev, tr = load_pickle(path), load_pickle(other)
+    clash = {}
+    for key, what in (("u", "users"), ("i", "creative ids")):
+        e, t = ((x.get(key) or {}) if isinstance(x, dict) else {} for x in (ev, tr))
+        n = sum(1 for k, v in e.items() if k in t and t[k] != v)
+        if n:
+            clash[what] = (n, sum(1 for k in e if k in t))
+    if not clash:
+        return ev
+    print(f"notice: {path} maps " + " and ".join(f"{n} of {m} shared {what}" for what, (n, m) in clash.items())
+          + f" to other re-ids than {other}; using the training folder's: the checkpoint's rows follow it",
+          file=sys.stderr, flush=True)
+    return tr
 
 
 def autocast(device: torch.device):
@@ -175,7 +204,7 @@ def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir:
     import evaluate as E
     was_training = model.training
     model.eval()
-    indexer = load_pickle(os.path.join(_artifact_dir("indexer.pkl", eval_dir, train_dir), "indexer.pkl"))
+    indexer = pick_indexer(eval_dir, train_dir)
     builder = D.SequenceBuilder(data_cfg, table, indexer.get("u", {}))
     users, q, hist, cids, _, c, rows = export(model, table, builder, indexer, eval_dir, device)
     model.train(was_training)

@@ -500,3 +500,147 @@ def test_training_stopped_by_a_signal(data, tmp_path, sig):
     assert p.returncode == 143, err
     saved = re.fullmatch(r"stopped by SIGTERM: saved (\S+); rerun the same command to continue\n", err)
     assert saved and (Path(saved.group(1)) / "meta.json").exists(), err
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Inputs checked against each other: refuse (one line) or a notice with the count
+# ---------------------------------------------------------------------------------------------
+
+def _copy_train(data, tmp):
+    import shutil
+    shutil.copytree(data / "train", tmp / "train")
+    return tmp / "train"
+
+
+def _rewrite_offsets(seq):
+    import pickle
+    off, pos = [], 0
+    for line in Path(seq).read_bytes().splitlines(keepends=True):
+        off.append(pos)
+        pos += len(line)
+    Path(str(seq)[:-len(".jsonl")] + "_offsets.pkl").write_bytes(pickle.dumps(off))
+
+
+def test_feature_values_written_as_digit_strings_are_counted_in_one_notice(data, tmp_path, capsys):
+    import dataset as D
+    train = _copy_train(data, tmp_path)
+    feats = json.loads((train / "item_feat_dict.json").read_text())
+    changed = []
+    for k in sorted(feats, key=int)[:5]:
+        fid = next(f for f, v in feats[k].items() if type(v) is int)
+        feats[k][fid] = str(feats[k][fid])
+        changed.append((k, fid, feats[k][fid]))
+    (train / "item_feat_dict.json").write_text(json.dumps(feats))
+    D.load_train_data(str(train), D.DataConfig(maxlen=10, mm_emb_id=[]), str(tmp_path / "cache"))
+    lines = capsys.readouterr().out.splitlines()
+    k, fid, v = changed[0]
+    want = (f"notice: {train}: 5 feature values are digit strings (5 in item_feat_dict.json, 0 in the first 60 "
+            f"profiles; first: item {k} feature {fid!r}: {v!r}); a string is read as a value unseen in training (0), "
+            f"not as a number: write re-ids as JSON numbers")
+    assert [ln for ln in lines if "digit strings" in ln] == [want]
+
+
+def test_a_user_on_two_lines_of_the_training_data_is_refused(data, tmp_path):
+    import dataset as D
+    train = _copy_train(data, tmp_path)
+    seq = train / "seq.jsonl"
+    lines = seq.read_text().splitlines()
+    user = json.loads(lines[2])[0][0]
+    seq.write_text("\n".join(lines + [lines[2]]) + "\n")
+    _rewrite_offsets(seq)
+    with pytest.raises(L.DataError) as e:
+        D.load_train_data(str(train), D.DataConfig(maxlen=10, mm_emb_id=[]), str(tmp_path / "cache"))
+    assert str(e.value) == (f"{seq}: 1 line(s) repeat a user of an earlier line ({len(lines)} users on "
+                            f"{len(lines) + 1} lines; first: user {user} on lines 3 and {len(lines) + 1}); expected "
+                            f"one line per user: merge each user's records into one line")
+
+
+def test_resume_with_another_batch_size_is_refused(trained, data, tmp_path, monkeypatch):
+    import shutil
+
+    import checkpoint as C
+    shutil.copytree(trained[1], tmp_path / "ck")
+    last = C.newest(str(tmp_path / "ck"))
+    meta = json.loads(Path(last, "meta.json").read_text())
+    meta.pop("done")                          # a run stopped before its end, as a kill leaves it
+    Path(last, "meta.json").write_text(json.dumps(meta))
+    i = TINY.index("--batch_size")
+    argv = [*TINY[:i], "--batch_size", "8", *TINY[i + 2:]]
+    with pytest.raises(L.DataError) as e:
+        train_here(argv, env_for(data, tmp_path), monkeypatch)
+    assert str(e.value) == (f"{last}: this run was checkpointed with --batch_size 16, not 8; resuming with another "
+                            f"would skip or repeat users of the epoch and move the LR schedule: resume with "
+                            f"--batch_size 16, or use another TRAIN_CKPT_PATH for a run with 8")
+
+
+def _valid_with_unknown_users(data, tmp, n_unknown, items_unknown=False):
+    import shutil
+    v = tmp / "valid"
+    shutil.copytree(data / "eval", v)
+    rows = [json.loads(x) for x in (v / "ground_truth.jsonl").read_text().splitlines()]
+    for j, r in enumerate(rows):
+        if j < n_unknown:
+            r["user_id"] = f"nobody_{j}"
+        if items_unknown:
+            r["creative_id"] = 10**12 + j
+    (v / "ground_truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    known_items = L.load_pickle(data / "train/indexer.pkl")["i"]
+    return v, len(rows), sum(r["creative_id"] in known_items for r in rows)
+
+
+def test_a_validation_folder_from_another_dataset_is_refused(data, tmp_path, monkeypatch):
+    v, n, ki = _valid_with_unknown_users(data, tmp_path, 10**6, items_unknown=True)
+    with pytest.raises(L.DataError) as e:
+        train_here([*TINY, "--valid_dir", str(v)], env_for(data, tmp_path), monkeypatch)
+    assert str(e.value) == (f"{v}: only 0 of {n} validation users and {ki} of {n} target items are known to the "
+                            f"training data ({data / 'train'}); below 20% validation cannot pick a checkpoint: is "
+                            f"--valid_dir from another dataset?")
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").glob("global_step*"))
+
+
+def test_a_validation_folder_with_many_unknown_users_gets_a_notice(data, tmp_path, monkeypatch, capsys):
+    import training
+    v, n, ki = _valid_with_unknown_users(data, tmp_path, 6)
+    assert min(n - 6, ki) / n < training.VALID_KNOWN_WARN
+    train_here([*TINY, "--valid_dir", str(v)], env_for(data, tmp_path), monkeypatch)
+    assert (f"notice: {v}: only {n - 6} of {n} validation users and {ki} of {n} target items are known to the training "
+            f"data ({data / 'train'}); the unknown ones score as cold users and items") in capsys.readouterr().out
+
+
+def test_an_eval_indexer_that_disagrees_with_the_training_one_loses(data, tmp_path, capsys):
+    import validation as V
+    train, ev = data / "train", tmp_path / "eval"
+    ev.mkdir()
+    ix = L.load_pickle(train / "indexer.pkl")
+    a, b = sorted(ix["i"])[:2]
+    swapped = {**ix, "i": {**ix["i"], a: ix["i"][b], b: ix["i"][a]}}
+    L.dump_pickle(swapped, ev / "indexer.pkl")
+    assert V.pick_indexer(str(ev), str(train)) == ix
+    assert capsys.readouterr().err == (f"notice: {ev / 'indexer.pkl'} maps 2 of {len(ix['i'])} shared creative ids to "
+                                       f"other re-ids than {train / 'indexer.pkl'}; using the training folder's: the "
+                                       f"checkpoint's rows follow it\n")
+    more = {**ix, "u": {**ix["u"], "a_new_user": 10**6}}      # more ids, none in conflict: the eval one serves
+    L.dump_pickle(more, ev / "indexer.pkl")
+    assert V.pick_indexer(str(ev), str(train)) == more and capsys.readouterr().err == ""
+
+
+def test_millisecond_timestamps_are_refused(data, tmp_path):
+    import dataset as D
+    train = _copy_train(data, tmp_path)
+    seq = train / "seq.jsonl"
+    lines = seq.read_text().splitlines()
+    recs = json.loads(lines[0])
+    for r in recs:
+        r[5] *= 1000
+    lines[0] = json.dumps(recs)
+    seq.write_text("\n".join(lines) + "\n")
+    _rewrite_offsets(seq)
+    cfg, table, builder, seq_path, offsets = D.load_train_data(str(train), D.DataConfig(maxlen=10, mm_emb_id=[]),
+                                                               str(tmp_path / "cache"))
+    ds = D.SeqDataset(seq_path, offsets, builder)
+    newest = max(r[5] for r in recs if r[1] is not None)
+    with pytest.raises(L.DataError) as e:
+        ds[0]
+    assert str(e.value) == (f"{seq}:1: timestamp {newest} is after the year 5000 as Unix seconds: milliseconds? "
+                            f"expected Unix seconds like the training data (divide by 1000)")
+    ds[1]                                              # seconds, as before
