@@ -646,12 +646,15 @@ def load_item_pop(data_dir: str, ctr_dir: str, seq_path: str, cache_dir: str, nu
 _LINE_USER = re.compile(rb"\s*\[\s*\[\s*(\d+)\s*,")
 
 
-def check_one_user_per_line(seq_path: str, offsets: list) -> None:
+def check_one_user_per_line(seq_path: str, offsets: list, skip_bad: bool = False) -> None:
     """seq.jsonl holds one line per user (docs/DATA_FORMAT.md). A user on several lines would
     train on one line the click another holds out for validation, and count twice: refused,
     with the count and the first case. Reads only the first bytes of each line (the first
-    record's user id); a line that does not start like a record is its reader's to report."""
-    first, extra, example = {}, 0, None
+    record's user id). A line of such a pair that is not a valid user line gets its own error
+    instead (with skip_bad: it is skipped in training, so it repeats no one)."""
+    if not os.path.isfile(seq_path):
+        return                          # its reader names what is wrong with it
+    first, pairs = {}, []
     with open(seq_path, "rb") as f:
         for i, off in enumerate(offsets):
             f.seek(off)
@@ -660,13 +663,24 @@ def check_one_user_per_line(seq_path: str, offsets: list) -> None:
                 continue
             j = first.setdefault(int(m.group(1)), i)
             if j != i:
-                extra += 1
-                example = example or (int(m.group(1)), j + 1, i + 1)
-    if extra:
-        u, a, b = example
-        raise DataError(f"{seq_path}: {extra} line(s) repeat a user of an earlier line ({len(first)} users on "
-                        f"{len(offsets)} lines; first: user {u} on lines {a} and {b}); expected one line per user: "
-                        f"merge each user's records into one line")
+                pairs.append((int(m.group(1)), j, i))
+    if not pairs:
+        return
+    lines, bad = LineReader(seq_path, offsets), set()
+    for i in sorted({k for _, a, b in pairs for k in (a, b)}):
+        try:
+            records, where = lines[i]
+            parse_user_records(records, where)
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.add(i)
+    pairs = [(u, a, b) for u, a, b in pairs if a not in bad and b not in bad]
+    if pairs:
+        u, a, b = pairs[0]
+        raise DataError(f"{seq_path}: {len(pairs)} line(s) repeat a user of an earlier line ({len(first)} users on "
+                        f"{len(offsets)} lines; first: user {u} on lines {a + 1} and {b + 1}); expected one line per "
+                        f"user: merge each user's records into one line")
 
 
 def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str = None,
@@ -681,7 +695,7 @@ def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str
         offsets = offsets[:limit_lines]
     if not offsets:
         raise DataError(f"{seq_path}: no users (empty offsets file)")
-    check_one_user_per_line(seq_path, offsets)
+    check_one_user_per_line(seq_path, offsets, skip_bad)
     indexer = load_pickle(os.path.join(data_dir, "indexer.pkl"))
     if not isinstance(indexer, dict) or "i" not in indexer:
         raise DataError(f"{data_dir}/indexer.pkl: expected a dict with keys 'u', 'i', 'f'")

@@ -731,7 +731,7 @@ def _build(args):
                         f".py; refusing to overwrite it (use --force or another --out)")
     # until the build ends, the marker says one of ours is under way: a build killed midway is
     # then neither reused as complete nor taken for someone else's data by the next run
-    layout.dump_json({"generator": "make_demo_data.py", "building": True, "args": key}, meta_path, indent=1)
+    layout.dump_json({"generator": "make_demo_data.py", "building": True}, meta_path)
     res = generate(args)
     meta = {"generator": "make_demo_data.py", "args": key, "summary": res["summary"],
             "sanity": res["sanity"]}   # no timings: same args -> same bytes

@@ -1135,8 +1135,8 @@ def _cmd(script, d, args):
 
 
 def snapshot(d):
-    """{path: bytes} of every file under d."""
-    return {p: p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
+    """{path: bytes} of every file under d (but folder locks, which name their latest holder)."""
+    return {p: p.read_bytes() for p in Path(d).rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 OUTPUT_DIRS = ("out", "result")      # where a successful run may write; everything else is input
