@@ -21,7 +21,7 @@ import torch
 import checkpoint as C
 import dataset as D
 import retrieval_torch as R
-from layout import (ArgumentParser, DataError, check_writable, dump_json, finish_publish, load_pickle, own_folder,
+from layout import (ArgumentParser, DataError, check_writable, dump_json, finish_publish, own_folder,
                     publish_files, read_item_feat_dict, run_cli, sweep_temp)
 from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_finite, embed_rows,  # noqa: F401
                         embed_users, evaluate_folder, export, history_exclude, holdout_metrics, pick_indexer, top_k_ids)
