@@ -14,7 +14,6 @@ the only value the code still implements) and fields that moved to another confi
 there, dropped here), so a checkpoint written before a change still loads.
 """
 import dataclasses
-import glob
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from layout import DataConfig, DataError, atomic_write, dump_json, read_json
+from layout import DataConfig, DataError, atomic_write, dump_json, read_json, sweep_temp
 from model import GenerativeRecommender, ModelConfig
 from objectives import ObjectiveConfig
 
@@ -119,10 +118,36 @@ def step_of(folder: str) -> int:
     return int(folder.rsplit("global_step", 1)[1])
 
 
+def step_folders(root: str) -> list:
+    """Every global_step{N} folder of `root`, complete or not. The folder's name is data, never a
+    pattern: listed, not globbed (a TRAIN_CKPT_PATH such as ck[1] would glob to nothing)."""
+    try:
+        names = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [os.path.join(root, n) for n in names
+            if n.startswith("global_step") and n[len("global_step"):].isdigit() and os.path.isdir(os.path.join(root, n))]
+
+
+def sweep(root: str, say=print) -> None:
+    """Remove what killed saves left in `root` (the run owns it: main.py holds its lock): atomic
+    temporary files there and in its global_step folders, and step folders that then hold
+    nothing (a save killed before its meta.json). A complete folder's files are never touched."""
+    n, size = sweep_temp(root, lambda name: True)
+    for d in step_folders(root):
+        if os.path.exists(os.path.join(d, "meta.json")):
+            continue
+        k, b = sweep_temp(d, lambda name: True)
+        n, size = n + k, size + b
+        if not os.listdir(d):
+            os.rmdir(d)
+    if n:
+        say(f"notice: {root}: removed {n} temporary file(s) ({size / 2**20:.1f} MiB) left by an interrupted save")
+
+
 def complete(root: str, run: str = None) -> list:
     """global_step folders of `root` whose meta.json exists (of one run when `run` is given), by step."""
-    done = [p for p in glob.glob(os.path.join(root, "global_step*"))
-            if p.rsplit("global_step", 1)[1].isdigit() and os.path.exists(os.path.join(p, "meta.json"))]
+    done = [p for p in step_folders(root) if os.path.exists(os.path.join(p, "meta.json"))]
     if run is not None:
         done = [p for p in done if meta_of(p).get("run") == run]
     return sorted(done, key=step_of)
@@ -257,16 +282,26 @@ def load_state(path: str, purpose: str = "load") -> dict:
     return state
 
 
+def settings_diff(ck: dict, where: str, model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
+    """The model and data settings (first five, with this run's value and the checkpoint's) in
+    which a loaded checkpoint differs from the run's; "" when none does."""
+    saved_model, saved_data, _ = saved_configs(ck, where)
+    if (saved_model, saved_data) == (model_cfg, data_cfg):
+        return ""
+    diff = sorted((k, v, saved.to_dict()[k]) for mine, saved in ((model_cfg, saved_model), (data_cfg, saved_data))
+                  for k, v in mine.to_dict().items() if saved.to_dict()[k] != v)
+    return ", ".join(f"{k} {v!r} here, {old!r} there" if len(repr(v)) + len(repr(old)) < 60 else k
+                     for k, v, old in diff[:5])
+
+
 def load_resume(path: str, model, opt, sched, model_cfg: ModelConfig, data_cfg: DataConfig, rank: int) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNGs; returns the saved state. Refuses
     a checkpoint whose model or data config (migrated to this version) differs from the run's."""
     f = path if os.path.isfile(path) else os.path.join(path, "model.pt")
     ck = load_state(f, "resume from")
-    saved_model, saved_data, _ = saved_configs(ck, f)
-    if (saved_model, saved_data) != (model_cfg, data_cfg):
-        diff = sorted(k for mine, saved in ((model_cfg, saved_model), (data_cfg, saved_data))
-                      for k, v in mine.to_dict().items() if saved.to_dict()[k] != v)
-        raise DataError(f"{f}: checkpoint was trained with other settings ({', '.join(diff[:5])}); "
+    diff = settings_diff(ck, f, model_cfg, data_cfg)
+    if diff:
+        raise DataError(f"{f}: checkpoint was trained with other settings ({diff}); "
                         f"use another TRAIN_CKPT_PATH for a run with these flags")
     if "optimizer" not in ck:
         raise DataError(f"{f}: holds weights only, no training state to resume from")

@@ -13,13 +13,15 @@ import errno
 import hashlib
 import math
 import os
+import re
 
 import numpy as np
 import torch
 
 from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataConfig, DataError, LineReader, atomic_write,
-                    dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, parse_user_records,
-                    read_item_feat_dict, read_json, read_offsets, same_source, show_json, with_location)
+                    dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, own_folder,
+                    parse_user_records, read_item_feat_dict, read_json, read_offsets, same_source, show_json,
+                    sweep_temp, with_location)
 import precompute_ctr as P
 import precompute_sid as S
 from precompute_ctr import ctr_value, load_ctr
@@ -28,6 +30,24 @@ from precompute_ctr import ctr_value, load_ctr
 # Feature schema: derived from the data, never hard-coded, saved in every checkpoint
 # (DataConfig itself lives in layout.py: the model reads it too, and layout imports no torch)
 # ---------------------------------------------------------------------------------------------
+
+# Timestamps from here on (the year 5138 as Unix seconds) are milliseconds: hour, weekday and gaps
+# computed from them would be noise, so they are refused rather than read as seconds.
+MS_TIMESTAMP = 10**11
+
+
+def digit_strings(feat_dicts, what: str) -> tuple:
+    """(count, first example) of feature values written as digit strings ("12"): the layout reads
+    a string as a raw value unseen in training (re-id 0), never as a number."""
+    n, first = 0, None
+    for key, fd in feat_dicts:
+        for fid, v in (fd or {}).items():
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, str) and x.isascii() and x.isdigit():
+                    n += 1
+                    first = first or f"{what} {key} feature {fid!r}: {x!r}"
+    return n, first
+
 
 def _scan_feats(feat_dicts, sparse, array, longest):
     """Collect fid -> max scalar value (sparse) / max list value (array)."""
@@ -168,9 +188,26 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
     Returns (memmap table, meta) where meta has 'dim', 'mask' (bool per row) and 'extra' (cid ->
     row). The cache is reused only when its fingerprint (mm_fingerprint) matches: same items,
     same id map, same source files (not checked when the sources are not at hand); otherwise it
-    is rebuilt, with a notice.
+    is rebuilt, with a notice. The index also records the size and time of the table and mask it
+    describes, and a rebuild deletes it first: a rebuild killed midway leaves no index vouching
+    for the new vectors. One run at a time checks and builds (the cache's mm/ folder is locked):
+    another run waits for it, then reuses what it built; temporary files of a killed build are
+    swept first. A run that already mapped the table keeps its vectors when another rebuilds.
     """
     out = os.path.join(cache_dir, "mm")
+    with own_folder(out, "USER_CACHE_PATH", wait=True):
+        sweep_temp(out, lambda name: name.startswith(f".emb_{fid}."))
+        return _mm_cache(emb_dir, fid, cid_to_reid, num_items, out)
+
+
+def _cache_file(path: str) -> list:
+    """[size, modification time] of a cache file: what its index records of it."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, out: str) -> tuple:
+    """build_mm_cache's work, with the cache folder `out` held."""
     npy, idx_path = os.path.join(out, f"emb_{fid}.npy"), os.path.join(out, f"emb_{fid}.index.json")
     mask_path = os.path.join(out, f"emb_{fid}.mask.npy")
     fp = mm_fingerprint(emb_dir, fid, cid_to_reid, num_items)
@@ -179,13 +216,16 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
         old = meta.get("fingerprint") or {"num_items": meta.get("num_items")}
         same = (old.get("num_items") == num_items and old.get("ids_sha1") in (None, fp["ids_sha1"])
                 and (fp["sources"] is None or old.get("sources") == fp["sources"]))
-        if same and os.path.exists(npy) and os.path.exists(mask_path):
+        files = ({"npy": _cache_file(npy), "mask": _cache_file(mask_path)}
+                 if os.path.exists(npy) and os.path.exists(mask_path) else None)
+        if same and files is not None and meta.get("files") == files:
             table = np.load(npy, mmap_mode="r")
             meta["extra"] = {int(c): r for c, r in meta["extra"].items()}
             meta["mask"] = np.load(mask_path)
             return table, meta
-        print(f"notice: {idx_path} was built from other data (items, ids or creative_emb files changed); rebuilding",
-              flush=True)
+        why = ("items, ids or creative_emb files changed" if not same else
+               "its table files are not those it indexed (a rebuild was interrupted, or they were replaced)")
+        print(f"notice: {idx_path} was built from other data ({why}); rebuilding", flush=True)
     if not emb_dir or not os.path.isdir(emb_dir):
         raise DataError(f"{emb_dir or 'creative_emb'}: folder not found, expected the vectors of "
                         f"multimodal feature {fid} (emb_{fid}_*.pkl or emb_{fid}_*/part-*)")
@@ -206,6 +246,8 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
         raise DataError(f"{emb_dir}: no vectors for multimodal feature {fid} "
                         f"(looked for emb_{fid}_*.pkl and emb_{fid}_*/part-*)")
     os.makedirs(out, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(idx_path)        # until the new index is written last, no index vouches for these files
     rows = num_items + 1 + len(extra)
     tmp = os.path.join(out, f".emb_{fid}.npy.{os.getpid()}.tmp")     # layout.atomic_write's naming
     try:
@@ -227,8 +269,9 @@ def build_mm_cache(emb_dir: str, fid: str, cid_to_reid: dict, num_items: int, ca
     with atomic_write(mask_path, "wb") as f:
         np.save(f, mask)
     dump_json({"fid": fid, "dim": dim, "num_items": num_items, "rows": rows, "fingerprint": fp,
+               "files": {"npy": _cache_file(npy), "mask": _cache_file(mask_path)},
                "extra": {str(c): r for c, r in extra.items()}}, idx_path)
-    return build_mm_cache(emb_dir, fid, cid_to_reid, num_items, cache_dir)
+    return _mm_cache(emb_dir, fid, cid_to_reid, num_items, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +516,9 @@ class SequenceBuilder:
         items = self.item_rows([e[0] for e in events])
         acts = np.array([e[2] for e in events], np.int64)
         ts = np.array([e[3] for e in events], np.int64)
+        if n and ts.max() >= MS_TIMESTAMP:
+            raise DataError(f"timestamp {int(ts.max())} is after the year 5000 as Unix seconds: milliseconds? "
+                            f"expected Unix seconds like the training data (divide by 1000)")
 
         s = {"token_type": np.zeros(T, np.int64), "seq_row": np.zeros(T, np.int64),
              "action": np.zeros(T, np.int64), "ts": np.zeros(T, np.int64),
@@ -678,6 +724,46 @@ def load_item_pop(data_dir: str, ctr_dir: str, seq_path: str, cache_dir: str, nu
     return counts, head
 
 
+_LINE_USER = re.compile(rb"\s*\[\s*\[\s*(\d+)\s*,")
+
+
+def check_one_user_per_line(seq_path: str, offsets: list, skip_bad: bool = False) -> None:
+    """seq.jsonl holds one line per user (docs/DATA_FORMAT.md). A user on several lines would
+    train on one line the click another holds out for validation, and count twice: refused,
+    with the count and the first case. Reads only the first bytes of each line (the first
+    record's user id). A line of such a pair that is not a valid user line gets its own error
+    instead (with skip_bad: it is skipped in training, so it repeats no one)."""
+    if not os.path.isfile(seq_path):
+        return                          # its reader names what is wrong with it
+    first, pairs = {}, []
+    with open(seq_path, "rb") as f:
+        for i, off in enumerate(offsets):
+            f.seek(off)
+            m = _LINE_USER.match(f.read(64))
+            if m is None:
+                continue
+            j = first.setdefault(int(m.group(1)), i)
+            if j != i:
+                pairs.append((int(m.group(1)), j, i))
+    if not pairs:
+        return
+    lines, bad = LineReader(seq_path, offsets), set()
+    for i in sorted({k for _, a, b in pairs for k in (a, b)}):
+        try:
+            records, where = lines[i]
+            parse_user_records(records, where)
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.add(i)
+    pairs = [(u, a, b) for u, a, b in pairs if a not in bad and b not in bad]
+    if pairs:
+        u, a, b = pairs[0]
+        raise DataError(f"{seq_path}: {len(pairs)} line(s) repeat a user of an earlier line ({len(first)} users on "
+                        f"{len(offsets)} lines; first: user {u} on lines {a + 1} and {b + 1}); expected one line per "
+                        f"user: merge each user's records into one line")
+
+
 def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str = None,
                     limit_lines: int = None, skip_bad: bool = False, rank_packages: bool = False,
                     keep_items: bool = False, sid_dir: str = None) -> tuple:
@@ -690,11 +776,20 @@ def load_train_data(data_dir: str, cfg: DataConfig, cache_dir: str, ctr_dir: str
         offsets = offsets[:limit_lines]
     if not offsets:
         raise DataError(f"{seq_path}: no users (empty offsets file)")
+    check_one_user_per_line(seq_path, offsets, skip_bad)
     indexer = load_pickle(os.path.join(data_dir, "indexer.pkl"))
     if not isinstance(indexer, dict) or "i" not in indexer:
         raise DataError(f"{data_dir}/indexer.pkl: expected a dict with keys 'u', 'i', 'f'")
     item_feat_dict = read_item_feat_dict(os.path.join(data_dir, "item_feat_dict.json"))
-    cfg = derive_schema(cfg, indexer, item_feat_dict, scan_profiles(seq_path, offsets, skip_bad=skip_bad))
+    profiles = scan_profiles(seq_path, offsets, skip_bad=skip_bad)
+    cfg = derive_schema(cfg, indexer, item_feat_dict, profiles)
+    n_items, first_item = digit_strings(item_feat_dict.items(), "item")
+    n_users, first_user = digit_strings(enumerate(profiles, 1), "profile")
+    if n_items + n_users:
+        print(f"notice: {data_dir}: {n_items + n_users} feature values are digit strings ({n_items} in "
+              f"item_feat_dict.json, {n_users} in the first {len(profiles)} profiles; first: {first_item or first_user}); "
+              f"a string is read as a value unseen in training (0), not as a number: write re-ids as JSON numbers",
+              flush=True)
     item_ctr, ctr_meta = load_ctr_for(cfg, ctr_dir, seq_path)
     cfg = dataclasses.replace(cfg, ctr_meta=ctr_meta)
     if cfg.use_sid and not cfg.sid:

@@ -12,14 +12,13 @@ it is also a candidate (else the unknown row).
 import math
 import os
 import random
-import signal
 import sys
 
 import numpy as np
 import torch
 
 from layout import (CLICK, MAX_ID, DataError, LineReader, check_feats, iter_jsonl, parse_user_records, read_offsets,
-                    show_json, with_location)
+                    show_json, with_location, worker_signals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +80,10 @@ def sample_negatives(table, num_neg: int, num_items: int, generator=None) -> dic
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed. Ctrl-C is the
-    training process's to handle (it saves a checkpoint and stops its workers): a worker ignores
-    it instead of dying with a KeyboardInterrupt traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed. Ctrl-C and
+    SIGTERM are the training process's to handle (it saves a checkpoint and stops its workers): a
+    worker ignores them, and dies with its parent (layout.worker_signals)."""
+    worker_signals(keep_on_term=True)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)

@@ -21,17 +21,31 @@ import torch
 import checkpoint as C
 import dataset as D
 import retrieval_torch as R
-from layout import ArgumentParser, DataError, check_writable, dump_json, load_pickle, os_error, read_item_feat_dict, run_cli
+from layout import (ArgumentParser, DataError, check_writable, dump_json, finish_publish, own_folder,
+                    publish_files, read_item_feat_dict, run_cli, sweep_temp)
 from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_finite, embed_rows,  # noqa: F401
-                        embed_users, evaluate_folder, export, history_exclude, holdout_metrics, top_k_ids)
+                        embed_users, evaluate_folder, export, history_exclude, holdout_metrics, pick_indexer, top_k_ids)
 
 class OutputSet:
-    """Output files published together: each is written under a temporary name in `folder`, and
-    publish() renames them all at the end. A failed write (a full disk) leaves the folder's earlier
-    outputs as they were; discard() removes what was staged. Errors name the final file."""
+    """Output files published together, into a result folder this run owns: claim() takes the
+    folder (a second inference into it is refused, naming the holder), completes a publish that a
+    killed run left half done and sweeps files it staged. Each file is written under a temporary
+    name in `folder`, and publish() renames them all at the end as one unit (layout.publish_files:
+    a journal written first lets the next run complete renames a kill interrupted). A failed write
+    (a full disk) leaves the folder's earlier outputs as they were; close() removes what was
+    staged and gives the folder up. Errors name the final file."""
 
     def __init__(self, folder: str):
         self.folder, self.staged = folder, []       # [(temporary path, final path)]
+        self._owner, self._claimed = contextlib.ExitStack(), False
+
+    def claim(self) -> None:
+        if self._claimed:
+            return
+        self._owner.enter_context(own_folder(self.folder, "EVAL_RESULT_PATH"))
+        self._claimed = True
+        finish_publish(self.folder, say=lambda m: print(m, file=sys.stderr, flush=True))
+        sweep_temp(self.folder, lambda name: name.endswith(".staged.tmp"))
 
     def write(self, name: str, fn) -> None:
         """fn(path) writes the file `name` at the temporary path it is given."""
@@ -52,23 +66,17 @@ class OutputSet:
         self.staged = []
 
     def publish(self) -> None:
-        """Rename every staged file over its final name. Should a rename fail midway, the set's
-        files (new and earlier ones alike) are removed, so no mix of two runs remains, and the
-        error says so."""
-        done = []
+        """Rename every staged file over its final name, as one unit (layout.publish_files)."""
         try:
-            for tmp, final in self.staged:
-                os.replace(tmp, final)
-                done.append(final)
-        except OSError as e:
-            for _, f in self.staged:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f)
-            self.discard()
-            why = os_error(OSError(e.errno, e.strerror or str(e), final))
-            raise DataError(f"{why}; removed the outputs of this run ({len(done)} already renamed) and the earlier "
-                            f"ones, so {self.folder} holds no mix of two runs: run again") from None
-        self.staged = []
+            publish_files(self.folder, self.staged)
+        finally:
+            self.staged = []
+
+    def close(self) -> None:
+        """Remove what is still staged and give the folder up."""
+        self.discard()
+        self._owner.close()
+        self._claimed = False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -162,8 +170,7 @@ def load_model(ckpt: str, device: torch.device, verbose: bool = False, info: dic
 
 def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_dir: str) -> tuple:
     """Item table, sequence builder and indexer for inference, from the checkpoint's schema."""
-    art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
-    indexer = load_pickle(os.path.join(art, "indexer.pkl"))
+    indexer = pick_indexer(eval_dir, train_dir)
     item_feat_dict = read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
                                                         "item_feat_dict.json"))
     ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))
@@ -183,13 +190,14 @@ def run(args, eval_dir: str, result_dir: str, ckpt: str, cache_dir: str, train_d
     own = outputs is None
     outputs = OutputSet(result_dir) if own else outputs
     try:
+        outputs.claim()
         out = _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs)
         if own:
             outputs.publish()
         return out
     finally:
         if own:
-            outputs.discard()
+            outputs.close()
 
 
 def _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs: OutputSet) -> tuple:
@@ -246,7 +254,7 @@ def main(argv=None):
             {"time": round(time.time() - t0, 3), "top10s": top10s, "user": users}, p))
         outputs.publish()
     finally:
-        outputs.discard()
+        outputs.close()
     print(f"{len(users)} users, top-{args.top_k} in {time.time() - t0:.1f}s -> {result_dir}/result.json")
 
 

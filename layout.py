@@ -8,11 +8,13 @@ message is one line naming the file, the line or record and what was expected.
 import argparse
 import contextlib
 import errno
+import fcntl
 import io
 import itertools
 import json
 import os
 import pickle
+import signal
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -85,10 +87,17 @@ def run_cli(main, exit_codes=None):
     """A script's entry point: runs main(); a known error (DataError, exit 2, plus any given in
     exit_codes) becomes one "error: ..." line on stderr and that exit code, never a traceback. So
     does an operating-system error (a full disk, a folder that cannot be written): exit 2, naming
-    the file."""
+    the file. A stop signal (Ctrl-C, SIGTERM, SIGHUP) unwinds the work and ends it with one
+    "stopped by SIG..." line and the shell's code for it, 128 + the signal's number (130, 143)."""
     codes = {DataError: 2, **(exit_codes or {})}
+    stop_on_signals()
     try:
         main()
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        print(f"stopped by {signal.Signals(signum).name}" + (f": {e.message}" if getattr(e, "message", "") else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     except tuple(codes) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(next(c for t, c in codes.items() if isinstance(e, t)))
@@ -252,6 +261,201 @@ def dump_pickle(obj, path):
 def dump_json(obj, path, **kwargs):
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run ownership, interrupted work and signals
+# ---------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class Busy(DataError):
+    """A folder is held by another live run (own_folder without waiting)."""
+
+
+def command_line() -> str:
+    """This process's command, short enough for one line (what own_folder records of the holder)."""
+    cmd = " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])
+    return cmd if len(cmd) <= 160 else cmd[:157] + "..."
+
+
+def _holder(fd) -> str:
+    """Who holds a lock file, as its holder wrote it: "pid N: command"."""
+    try:
+        h = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(h['pid'])}: {h['command']}"
+    except (ValueError, TypeError, KeyError, OSError):
+        return "a process that has not yet written its pid"
+
+
+@contextlib.contextmanager
+def own_folder(folder, what, wait=False, say=None):
+    """Hold `folder` for the block: an exclusive flock on folder/.lock, into which the holder's pid
+    and command are written. The kernel releases it when the holder ends, however it ends (a
+    kill included): a lock left by a dead run never blocks. Held by another live run: wait=False
+    raises Busy, one line naming the folder, its role (`what`, e.g. "TRAIN_CKPT_PATH") and the
+    holder; wait=True says so once (say, default print) and blocks until the holder is done.
+    The lock file stays (deleting it would let two runs lock two different files), except when
+    this call made the folder and the block failed: then the folder goes again if nothing else is
+    in it (bad input leaves no trace)."""
+    folder = os.fspath(folder)
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, LOCK_FILE)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _holder(fd)
+            if not wait:
+                raise Busy(f"{folder}: in use by another run ({who}); wait for it to end or use another {what}") \
+                    from None
+            (say or print)(f"notice: {folder} ({what}) is in use by another run ({who}); waiting for it to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command_line()}).encode(), 0)
+        try:
+            yield
+        except BaseException:
+            if made and os.listdir(folder) == [LOCK_FILE]:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+                    os.rmdir(folder)
+            raise
+    finally:
+        os.close(fd)
+
+
+def sweep_temp(folder, match) -> tuple:
+    """Remove the temporary files that a killed writer left in `folder` (names for which
+    match(name) is true; atomic_write's are ".<name>.<random>.tmp"). Only safe while this run owns
+    the folder (own_folder): no live writer can be using them. -> (files removed, bytes freed)."""
+    n = size = 0
+    with contextlib.suppress(FileNotFoundError):
+        for e in os.scandir(folder):
+            if e.name.startswith(".") and e.name.endswith(".tmp") and match(e.name) and e.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    size += e.stat(follow_symlinks=False).st_size
+                    os.unlink(e.path)
+                    n += 1
+    return n, size
+
+
+PUBLISH_JOURNAL = ".publishing.json"
+
+
+def publish_files(folder, pairs) -> None:
+    """Rename staged files over their final names as one unit. A journal naming every pair (and
+    each staged file's size) is written first; from then on the new set is committed: should the
+    process die during the renames, finish_publish completes them at the next start. The journal
+    goes once the last rename is done. Should a rename fail here (an OSError), every file of the
+    set, new and earlier alike, is removed and a DataError says so: no mix of two runs remains.
+    pairs: [(staged path, final path)], all in `folder`."""
+    folder = os.fspath(folder)
+    journal = os.path.join(folder, PUBLISH_JOURNAL)
+    dump_json({"files": [[os.path.basename(t), os.path.basename(f), os.path.getsize(t)] for t, f in pairs]}, journal)
+    done = 0
+    try:
+        for t, f in pairs:
+            os.replace(t, f)
+            done += 1
+    except OSError as e:
+        for t, f in pairs:
+            for p in (t, f):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+        with contextlib.suppress(OSError):
+            os.unlink(journal)
+        why = os_error(OSError(e.errno, e.strerror or str(e), pairs[done][1]))
+        raise DataError(f"{why}; removed the outputs of this run ({done} already renamed) and the earlier ones, "
+                        f"so {folder} holds no mix of two runs: run again") from None
+    os.unlink(journal)
+
+
+def finish_publish(folder, say=print) -> int:
+    """Complete the publish of a run killed during its renames (publish_files' journal is there):
+    the staged files still waiting are renamed into place, so the folder holds that run's whole
+    set. Should a part be neither staged nor in place, every file of the set is removed instead
+    (no mix of two runs). Call while owning the folder. -> files renamed now."""
+    folder = os.fspath(folder)
+    journal = os.path.join(folder, PUBLISH_JOURNAL)
+    if not os.path.exists(journal):
+        return 0
+    try:
+        rec = read_json(journal)
+        files = [(str(t), str(f), int(n)) for t, f, n in rec["files"]]
+    except (DataError, KeyError, TypeError, ValueError):
+        files = None
+    ok = files is not None and all(
+        os.path.basename(t) == t and os.path.basename(f) == f and (
+            os.path.isfile(os.path.join(folder, t)) or
+            os.path.isfile(os.path.join(folder, f)) and os.path.getsize(os.path.join(folder, f)) == n)
+        for t, f, n in files)
+    if not ok:
+        for _, f, _ in files or []:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, os.path.basename(f)))
+        os.unlink(journal)
+        say(f"notice: {folder}: an earlier run was stopped while publishing its outputs and its set cannot be "
+            f"completed; removed its files, so no mix of two runs remains")
+        return 0
+    done = 0
+    for t, f, _ in files:
+        if os.path.isfile(os.path.join(folder, t)):
+            os.replace(os.path.join(folder, t), os.path.join(folder, f))
+            done += 1
+    os.unlink(journal)
+    say(f"notice: {folder}: an earlier run was stopped while publishing its outputs; completed it ({done} of "
+        f"{len(files)} files renamed now), so the folder holds that run's whole set")
+    return done
+
+
+class Interrupted(BaseException):
+    """A stop signal (SIGTERM, SIGHUP; SIGINT arrives as KeyboardInterrupt) became an exception, so
+    the work unwinds: temporary files go, DataLoader workers are stopped. run_cli turns it into one
+    line and exit code 128 + the signal's number. A BaseException: no `except Exception` swallows it."""
+
+    def __init__(self, signum, message=""):
+        self.signum, self.message = int(signum), message
+        super().__init__(message)
+
+
+def _quiet_exit(signum, frame):
+    os._exit(0)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread (Python's default: die at once,
+    leaving temporary files and children behind)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+
+
+def worker_signals(keep_on_term: bool = False) -> None:
+    """In a DataLoader worker (worker_init_fn): stop signals are the main process's to handle (it
+    unwinds and stops its workers), so a worker ignores Ctrl-C sent to the whole process group.
+    SIGTERM and SIGHUP end it quietly (exit 0, which the DataLoader does not report as a crash;
+    the main process's shutdown also sends SIGTERM to a worker stuck in a batch), unless
+    keep_on_term: training's workers live on to deliver the batch its main process needs to reach
+    a checkpoint. A worker dies with its parent, even one killed by SIGKILL, instead of living on
+    as an orphan (Linux: PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN if keep_on_term else _quiet_exit)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import multiprocessing
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))     # 1 = PR_SET_PDEATHSIG
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:
+            os._exit(0)                   # the parent died before the line above took effect
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import checkpoint as C
 import config as CF
+import layout as L
 import retrieval_torch as R
 import validation as V
 from layout import PAD, ArgumentParser, DataError, atomic_write, run_cli
@@ -366,15 +367,16 @@ def diverged_hint(cfg: RunConfig) -> str:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint at the next optimizer step, then a clean exit."""
+    """SIGTERM / SIGINT ask for a checkpoint at the next optimizer step, then one line and the
+    signal's exit code (layout.run_cli). Before training starts, run_cli's handlers stop the run."""
 
     def __init__(self):
         self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
+        self.requested = signum
 
 
 class RunLog:
@@ -562,10 +564,16 @@ def resume_state(s: Setup, st: TrainState, say) -> tuple:
     if resume:
         done = C.meta_of(resume if os.path.isdir(resume) else os.path.dirname(resume)).get("done")
         if done:
+            f = resume if os.path.isfile(resume) else os.path.join(resume, "model.pt")
+            diff = C.settings_diff(C.load_state(f, "resume from"), f, s.cfg.model, s.cfg.data)
+            if diff:
+                raise DataError(f"{resume}: holds another run, finished, trained with other settings ({diff}); use "
+                                f"another TRAIN_CKPT_PATH for a run with these flags")
             say(f"{resume}: this run already finished ({done}); nothing to do. infer.py uses its best checkpoint; "
                 f"to train again, use another TRAIN_CKPT_PATH")
             return resume, True
         ck = C.load_resume(resume, s.model, s.opt, s.sched, s.cfg.model, s.cfg.data, s.rank)
+        check_same_batches(ck, s.cfg.loop, resume)
         st.restore(ck)
         s.lr_scale[0] = st.lr_scale
         say(f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.micro}, step {st.step}")
@@ -574,6 +582,19 @@ def resume_state(s: Setup, st: TrainState, say) -> tuple:
         raise DataError(f"{paths['ckpt']}: holds checkpoints of another run ({steps[0]} .. {steps[-1]}) that a new run "
                         f"would overwrite; use another TRAIN_CKPT_PATH (or --resume auto to continue that run)")
     return resume, False
+
+
+def check_same_batches(ck: dict, loop, where: str) -> None:
+    """A resumed run must cut its epochs into the same batches: the loop position (batches done
+    in the epoch) and the LR schedule's length count them. Another --batch_size or
+    --gradient_accumulation_steps would skip or repeat users and move the schedule: refused."""
+    saved = ck.get("loop_config") or ck.get("args") or {}
+    for flag in ("batch_size", "gradient_accumulation_steps"):
+        was, now = saved.get(flag), getattr(loop, flag)
+        if was is not None and was != now:
+            raise DataError(f"{where}: this run was checkpointed with --{flag} {was}, not {now}; resuming with "
+                            f"another would skip or repeat users of the epoch and move the LR schedule: resume with "
+                            f"--{flag} {was}, or use another TRAIN_CKPT_PATH for a run with {now}")
 
 
 def say_start(s: Setup, say) -> None:
@@ -628,6 +649,15 @@ def main(argv=None):
     cfg = CF.from_args(args)
     paths = env_paths()
     check_paths(paths, args)
+    # the run owns its checkpoint folder while it lives: a second run into it is refused, not
+    # left to overwrite this one's steps and best.json (rank 0 holds it for every rank)
+    with L.own_folder(paths["ckpt"], "TRAIN_CKPT_PATH") if int(os.environ.get("RANK", 0)) == 0 \
+            else contextlib.nullcontext():
+        return train(args, cfg, paths)
+
+
+def train(args, cfg, paths: dict):
+    """The run, once its flags are checked and its checkpoint folder is its own."""
     rank, world, device = setup_process(cfg.loop)
     master = rank == 0
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
@@ -636,6 +666,8 @@ def main(argv=None):
     with oom_context("building the data and model", cfg):
         s = build_training(cfg, paths, device, rank, world, say)
     st = TrainState(run=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    if master:
+        C.sweep(paths["ckpt"], say)
     resume, done = resume_state(s, st, say)
     if done:
         return resume
@@ -669,8 +701,10 @@ def main(argv=None):
         if epoch_end:
             say(f"epoch {st.epoch} done  step {st.step}  {time.time() - t0:.0f}s  -> {last_ckpt}")
         if stop.requested:
-            say(f"signal {stop.requested}: saved {last_ckpt}; rerun the same command to continue")
-            return last_ckpt
+            # the shell's code for the signal (130, 143): a harness must not read a stopped run as done
+            if not master:
+                raise SystemExit(128 + stop.requested)
+            raise L.Interrupted(stop.requested, f"saved {last_ckpt}; rerun the same command to continue")
         if early or final:
             say(f"early stop: no validation gain for {st.bad_evals} validations" if early else
                 f"stopped at --max_steps {loop.max_steps}")

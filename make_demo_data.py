@@ -704,6 +704,12 @@ def _check_args(a):
 def _run(args):
     _check_args(args)
     layout.check_writable(args.out, "--out")
+    # one build per folder at a time: a second one (two `bash run.sh` at once) waits, then reuses
+    with layout.own_folder(args.out, "--out", wait=True):
+        return _build(args)
+
+
+def _build(args):
     meta_path = os.path.join(args.out, "demo_meta.json")
     key = {k: v for k, v in vars(args).items() if k not in ("out", "force", "workers")}
     with open(os.path.abspath(__file__), "rb") as f:   # a changed generator makes new data
@@ -715,7 +721,7 @@ def _run(args):
     except (OSError, ValueError):
         pass
     complete = all(os.path.exists(os.path.join(args.out, p)) for p in OUTPUT_FILES)
-    if isinstance(meta, dict) and meta.get("args") == key and complete:
+    if isinstance(meta, dict) and meta.get("args") == key and complete and not meta.get("building"):
         print(f"demo data in {args.out} already generated with these args: reused")
         print(json.dumps(meta.get("summary")), json.dumps(meta.get("sanity")), sep="\n")
         return 0
@@ -723,8 +729,9 @@ def _run(args):
             and not args.force:
         raise DataError(f"{args.out}/train/seq.jsonl exists and was not made by make_demo_data"
                         f".py; refusing to overwrite it (use --force or another --out)")
-    if os.path.exists(meta_path):
-        os.unlink(meta_path)   # a crash from here on must not leave a stale 'complete' marker
+    # until the build ends, the marker says one of ours is under way: a build killed midway is
+    # then neither reused as complete nor taken for someone else's data by the next run
+    layout.dump_json({"generator": "make_demo_data.py", "building": True}, meta_path)
     res = generate(args)
     meta = {"generator": "make_demo_data.py", "args": key, "summary": res["summary"],
             "sanity": res["sanity"]}   # no timings: same args -> same bytes

@@ -7,7 +7,8 @@ conversion, is a click), fits a Beta(alpha, beta) prior per side by the method o
 stores the shrunk rate p = (c + alpha) / (n + alpha + beta), optionally as logit(p), then
 standardised over the side's entities: z = (x - mean) / std.
 
-Outputs in --output_dir (atomic writes):
+Outputs in --output_dir (atomic writes; ctr_meta.json last; one run at a time: a second is refused,
+or with --reuse waits and then reuses):
   user_ctr.json, item_ctr.json  {"<reid>": [clicks, events, z]}, entities with >= 1 event
   ctr_meta.json                 {"user": {alpha, beta, logit, mean, std, prior_value, ...},
                                  "item": {...}, "k_clip", "seq_path", "num_users", ...}
@@ -27,8 +28,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from layout import (ArgumentParser, DataError, check_writable, dump_json, file_fingerprint, json_type, read_json,
-                    record_problem, run_cli, same_source)
+from layout import (ArgumentParser, DataError, check_writable, dump_json, file_fingerprint, json_type, own_folder,
+                    read_json, record_problem, run_cli, same_source)
 
 # The moments fit uses entities with at least MIN_EVENTS events (rates of 1-4 events are mostly
 # binomial noise and would inflate the variance); if fewer than MIN_ENTITIES qualify, all
@@ -393,7 +394,11 @@ def run(args):
     paths = [os.path.join(args.output_dir, f) for f in (*TABLE_FILES.values(), META_FILE)] + [pop_path]
     for path in paths:
         _check_not_input(path, args.seq_path)
-    for obj, path in zip((tables["user"], tables["item"], meta, pop), paths):
+    # ctr_meta.json vouches for the tables: it goes first and comes back last, so a run killed in
+    # between leaves no meta describing tables it did not write (readers then find no CTR folder)
+    if os.path.exists(paths[2]):
+        os.unlink(paths[2])
+    for obj, path in ((tables["user"], paths[0]), (tables["item"], paths[1]), (pop, paths[3]), (meta, paths[2])):
         dump_json(obj, path)
     return meta, pop, counts, paths
 
@@ -437,7 +442,12 @@ def main(argv=None):
         if os.path.isdir(path):
             raise DataError(f"{path}: a folder, expected the output file's path (or nothing there)")
         _check_not_input(path, args.seq_path)
-    _summary(*run(args))
+    # one run writes the folder at a time; with --reuse (run.sh) a second one waits, then reuses
+    with own_folder(args.output_dir, "--output_dir", wait=args.reuse):
+        if args.reuse and up_to_date(args):
+            print(f"{args.output_dir}: up to date with {args.seq_path}; nothing to do")
+            return
+        _summary(*run(args))
 
 
 if __name__ == "__main__":

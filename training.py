@@ -18,7 +18,7 @@ import torch
 
 import dataset as D
 import dataset_packed as P
-from layout import DataConfig
+from layout import DataConfig, DataError, iter_jsonl, load_pickle
 from model import GenerativeRecommender, ModelConfig
 from objectives import Negatives, ObjectiveConfig, Trainer
 
@@ -220,6 +220,8 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     click_rate = float(table.ctr_c.sum() / max(1.0, table.ctr_n.sum())) if table.ctr_meta else 0.1
 
     valid_dir = None if loop.valid_dir == "none" else (loop.valid_dir or _default_valid(paths["data"]))
+    if valid_dir is not None:
+        check_valid_known(valid_dir, paths["data"], table, say)
     cut = {}
     if valid_dir is None and loop.valid_dir != "none" and loop.valid_users > 0:
         cut = D.holdout_last_clicks(seq_path, offsets, loop.valid_users, loop.valid_seed, loop.skip_bad_records)
@@ -239,6 +241,36 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     s.trained = D.trained_items(counts, seq_path, offsets, cut)
     s.model.set_trained_items(torch.from_numpy(s.trained))
     return s
+
+
+# Shares of a validation folder's users and target items the training data knows: below REFUSE
+# it is another dataset (every validation would score near 0 and pick the "best" checkpoint on
+# noise); below WARN a notice. Cold users and items are normal in a folder, a few in ten at most.
+VALID_KNOWN_REFUSE, VALID_KNOWN_WARN = 0.2, 0.5
+
+
+def check_valid_known(valid_dir: str, data_dir: str, table: D.ItemTable, say=print) -> None:
+    """Refuse a validation folder whose users or target items the training data mostly does not
+    know; a notice when many are unknown."""
+    gt = os.path.join(valid_dir, "ground_truth.jsonl")
+    users = load_pickle(os.path.join(data_dir, "indexer.pkl")).get("u") or {}
+    n = known_u = known_i = 0
+    for _, rec in iter_jsonl(gt):
+        if isinstance(rec, dict):
+            n += 1
+            known_u += str(rec.get("user_id")) in users
+            cid = rec.get("creative_id")
+            known_i += (int(cid) if isinstance(cid, str) and cid.isdigit() else cid) in table.row_of_cid
+    if not n:
+        return
+    share = min(known_u, known_i) / n
+    what = (f"{known_u} of {n} validation users and {known_i} of {n} target items are known to the training "
+            f"data ({data_dir})")
+    if share < VALID_KNOWN_REFUSE:
+        raise DataError(f"{valid_dir}: only {what}; below {VALID_KNOWN_REFUSE:.0%} validation cannot pick a "
+                        f"checkpoint: is --valid_dir from another dataset?")
+    if share < VALID_KNOWN_WARN:
+        say(f"notice: {valid_dir}: only {what}; the unknown ones score as cold users and items")
 
 
 def make_loader(ds: D.SeqDataset, table: D.ItemTable, loop: LoopConfig, device: torch.device, rank: int = 0,

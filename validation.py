@@ -6,6 +6,7 @@ retrieves with top_k_ids(). Every candidate is ranked (no sampled candidates), t
 against the target; the user's input history can be masked as inference masks it.
 """
 import os
+import sys
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import dataset as D
 import dataset_packed as P
 import retrieval_torch as R
-from layout import DataError, load_pickle
+from layout import DataError, load_pickle, worker_signals
 
 # Seconds a DataLoader worker may take to deliver one batch of user sequences before the run
 # stops (a hung worker would otherwise wait forever); far above a real batch's time.
@@ -45,6 +46,34 @@ def _artifact_dir(name, *dirs):
     raise DataError(f"{name}: not found in any of {', '.join(d for d in dirs if d)}")
 
 
+def pick_indexer(eval_dir: str, train_dir: str) -> dict:
+    """The indexer for scoring an eval folder: the eval folder's (the harness ships one there),
+    unless the training folder's disagrees with it, a raw user or creative id mapped to another
+    re-id: then the training one wins, with a notice, since the checkpoint's user and item rows
+    follow the data it was trained on. Ids only one of them knows are no conflict."""
+    art = _artifact_dir("indexer.pkl", eval_dir, train_dir)
+    path = os.path.join(art, "indexer.pkl")
+    other = os.path.join(train_dir, "indexer.pkl") if train_dir else None
+    if art != eval_dir or other is None or not os.path.exists(other):
+        return load_pickle(path)
+    with open(path, "rb") as a, open(other, "rb") as b:
+        if os.path.getsize(path) == os.path.getsize(other) and a.read() == b.read():
+            return load_pickle(path)
+    ev, tr = load_pickle(path), load_pickle(other)
+    clash = {}
+    for key, what in (("u", "users"), ("i", "creative ids")):
+        e, t = ((x.get(key) or {}) if isinstance(x, dict) else {} for x in (ev, tr))
+        n = sum(1 for k, v in e.items() if k in t and t[k] != v)
+        if n:
+            clash[what] = (n, sum(1 for k in e if k in t))
+    if not clash:
+        return ev
+    print(f"notice: {path} maps " + " and ".join(f"{n} of {m} shared {what}" for what, (n, m) in clash.items())
+          + f" to other re-ids than {other}; using the training folder's: the checkpoint's rows follow it",
+          file=sys.stderr, flush=True)
+    return tr
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; a no-op context elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -72,13 +101,18 @@ def _no_hang(loader, num_workers: int):
                         f"(a worker hung or is starved); run again, or with --num_workers 0") from None
 
 
+def _worker_init(worker_id: int) -> None:
+    """A user-export worker stops with its main process, never outlives it (layout.worker_signals)."""
+    worker_signals()
+
+
 @torch.no_grad()
 def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, num_workers: int = 0,
                 keep=("_user", "_history", "_target")) -> tuple:
     """Queries [U, d] of a dataset of user samples (newest position, asking for a click), and the
     per-sample extras named in `keep`, each a list in dataset order (the rest are dropped)."""
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=P.PackedCollate(table),
+                                         collate_fn=P.PackedCollate(table), worker_init_fn=_worker_init,
                                          timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
     queries, n, extras = np.empty((len(ds), model.cfg.hidden_units), np.float32), 0, {}
     for b in _no_hang(loader, num_workers):
@@ -187,7 +221,7 @@ def evaluate_folder(model, data_cfg: D.DataConfig, table: D.ItemTable, eval_dir:
     import evaluate as E
     was_training = model.training
     model.eval()
-    indexer = load_pickle(os.path.join(_artifact_dir("indexer.pkl", eval_dir, train_dir), "indexer.pkl"))
+    indexer = pick_indexer(eval_dir, train_dir)
     builder = D.SequenceBuilder(data_cfg, table, indexer.get("u", {}))
     users, q, hist, cids, _, c, rows = export(model, table, builder, indexer, eval_dir, device)
     model.train(was_training)

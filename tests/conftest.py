@@ -8,7 +8,8 @@ import pytest
 
 SLOW_FIXTURES = {"world", "demo"}
 SLOW = {"test_training_step_reduces_loss", "test_no_import_cycle_between_project_modules",
-        "test_ctrl_c_with_a_worker_saves_and_a_rerun_resumes"}
+        "test_ctrl_c_with_a_worker_saves_and_a_rerun_resumes", "test_inference_stopped_by_a_signal",
+        "test_training_stopped_by_a_signal"}
 
 
 def pytest_configure(config):
