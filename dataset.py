@@ -330,6 +330,7 @@ class ItemTable:
             if r < n:
                 self.cid[r] = c
         self.id = np.arange(n, dtype=np.int64)
+        self.young_until = None          # set_young: per row, the time before which an event shows a new item
         feats = [None] * n
         for k, fd in item_feat_dict.items():
             r = int(k)
@@ -383,6 +384,15 @@ class ItemTable:
             codes[sel] = S.assign_codes(vecs, book)
         return codes
 
+    def set_young(self, until: np.ndarray) -> None:
+        """young_until (dataset.young_until, by row; rows beyond it: never young)."""
+        self.young_until = np.zeros(len(self.id), np.int64)
+        self.young_until[:min(len(until), len(self.id))] = until[:len(self.id)]
+
+    def young(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """bool: the events (rows, ts) are among their item's first new_item_events."""
+        return ts < self.young_until[rows]
+
     def set_popularity(self, counts: np.ndarray, head_min_count: float) -> None:
         """Item event counts by row (from item_pop.json); hot = count >= head_min_count."""
         self.pop_count = np.zeros(len(self.id), np.float64)
@@ -400,7 +410,10 @@ class ItemTable:
             sp, ar = encode_feats([fd for _, fd in new], *self.schema)
             k = len(new)
             self.cid = np.concatenate([self.cid, np.array([c for c, _ in new], np.int64)])
-            self.id = np.concatenate([self.id, np.zeros(k, np.int64)])
+            # -1: an item the training data never named; the model embeds it as a new item (no id row)
+            self.id = np.concatenate([self.id, np.full(k, -1, np.int64)])
+            if self.young_until is not None:
+                self.young_until = np.concatenate([self.young_until, np.zeros(k, np.int64)])
             self.sparse, self.array = np.concatenate([self.sparse, sp]), np.concatenate([self.array, ar])
             prior = ctr_value(0.0, 0.0, self.ctr_meta) if self.ctr_meta is not None else 0.0
             self.ctr_c = np.concatenate([self.ctr_c, np.zeros(k, np.float32)])
@@ -523,6 +536,10 @@ class SequenceBuilder:
         s = {"token_type": np.zeros(T, np.int64), "seq_row": np.zeros(T, np.int64),
              "action": np.zeros(T, np.int64), "ts": np.zeros(T, np.int64),
              "pos_idx": np.zeros(T, np.int64)}
+        young = self.table.young_until is not None
+        if young:
+            s["seq_young"] = np.zeros(T, bool)
+            s["seq_young"][start + 1:] = self.table.young(items[lo:hi], ts[lo:hi])
         s["token_type"][start] = USER_TOKEN
         s["token_type"][start + 1:] = ITEM_TOKEN
         s["seq_row"][start + 1:] = items[lo:hi]
@@ -559,6 +576,10 @@ class SequenceBuilder:
             if n:
                 s["pos_row"][start:] = items[tgt]
                 s["pos_action"][start:] = acts[tgt] + 1
+            if young:
+                s["pos_young"] = np.zeros(T, bool)
+                if n:
+                    s["pos_young"][start:] = self.table.young(items[tgt], ts[tgt])
             if self.keep_items:
                 s["_items"] = items
             if self.rank_packages:
@@ -668,6 +689,49 @@ def trained_items(counts: np.ndarray, seq_path: str, offsets: list, cut: dict) -
                     left[item] -= 1
     out = left > 0
     out[0] = False
+    return out
+
+
+NEVER = np.iinfo(np.int64).max
+
+
+def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int, chunk: int = 1 << 20) -> np.ndarray:
+    """int64 [num_items + 1]: the timestamp of each item's (n+1)-th event in the training
+    sequences (events of held-out slices excluded, see holdout_last_clicks), NEVER when it has at
+    most n. An event of the item strictly before that time is one of its first n: the item is
+    new then (SequenceBuilder marks it young). One streamed pass; per item at most n + 1
+    timestamps are kept, merged chunk by chunk."""
+    lines = LineReader(seq_path, offsets)
+    keep_i, keep_t = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    buf_i, buf_t = [], []
+
+    def merge(ki, kt):
+        it, tt = np.concatenate([ki, np.asarray(buf_i, np.int64)]), np.concatenate([kt, np.asarray(buf_t, np.int64)])
+        order = np.lexsort((tt, it))                      # by item, then time
+        it, tt = it[order], tt[order]
+        start = np.searchsorted(it, it, side="left")      # first index of each item's run
+        rank = np.arange(len(it)) - start
+        sel = rank <= n
+        buf_i.clear()
+        buf_t.clear()
+        return it[sel], tt[sel]
+    for i in range(len(lines)):
+        try:
+            records, where = lines[i]
+            events = parse_user_records(records, where)[2]
+        except DataError:
+            continue                      # the training reader reports (or skips) bad lines itself
+        for item, _, _, ts in events[:cut.get(i, len(events))]:
+            if type(item) is int and 0 < item <= num_items:
+                buf_i.append(item)
+                buf_t.append(ts)
+        if len(buf_i) >= chunk:
+            keep_i, keep_t = merge(keep_i, keep_t)
+    keep_i, keep_t = merge(keep_i, keep_t)
+    out = np.full(num_items + 1, NEVER, np.int64)
+    start = np.searchsorted(keep_i, keep_i, side="left")
+    last = (np.arange(len(keep_i)) - start) == n
+    out[keep_i[last]] = keep_t[last]
     return out
 
 

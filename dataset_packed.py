@@ -50,15 +50,21 @@ class PackedCollate:
         batch = {k: torch.from_numpy(np.stack([s[k] if k in self.PER_USER else s[k][lo:] for s in samples]))
                  for k in keys}
         batch.update({k: [s[k] for s in samples] for k in samples[0] if k.startswith("_")})
+        # An event among its item's first new_item_events (seq_/pos_young) shows the item as new:
+        # id -1, which the model embeds with its new-item row; so a young event is its own input.
         seq = batch.pop("seq_row").numpy()
-        rows, inv = np.unique(seq, return_inverse=True)
-        batch.update(self.table.gather(rows, "seq_"))
+        young = batch.pop("seq_young").numpy().astype(np.int64) if "seq_young" in batch else 0
+        keys, inv = np.unique(seq * 2 + young, return_inverse=True)
+        batch.update(self.table.gather(keys // 2, "seq_"))
+        batch["seq_id"][torch.from_numpy(keys % 2 == 1)] = -1
         batch["seq_inv"] = torch.from_numpy(inv.reshape(seq.shape))
         if "pos_row" in batch:
             pos, click = batch["pos_row"].numpy(), (batch["pos_action"].numpy() >= CLICK).astype(np.int64)
-            keys, inv = np.unique(pos * 2 + click, return_inverse=True)
-            rows = keys // 2
-            batch.update(self.table.gather(rows, "pos_", ctr=self.table.loo_ctr(rows, keys % 2)))
+            young = batch.pop("pos_young").numpy().astype(np.int64) if "pos_young" in batch else 0
+            keys, inv = np.unique((pos * 2 + click) * 2 + young, return_inverse=True)
+            rows = keys // 4
+            batch.update(self.table.gather(rows, "pos_", ctr=self.table.loo_ctr(rows, (keys // 2) % 2)))
+            batch["pos_id"][torch.from_numpy(keys % 2 == 1)] = -1
             batch["pos_inv"] = torch.from_numpy(inv.reshape(pos.shape))
         if "pkg_row" in batch:
             pkg = batch["pkg_row"].numpy()

@@ -24,7 +24,8 @@ import retrieval_torch as R
 from layout import (ArgumentParser, DataError, check_writable, dump_json, finish_publish, own_folder,
                     publish_files, read_item_feat_dict, run_cli, sweep_temp)
 from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_finite, embed_rows,  # noqa: F401
-                        embed_users, evaluate_folder, export, history_exclude, holdout_metrics, pick_indexer, top_k_ids)
+                        attach_young, embed_users, evaluate_folder, export, history_exclude, holdout_metrics,
+                        pick_indexer, top_k_ids)
 
 class OutputSet:
     """Output files published together, into a result folder this run owns: claim() takes the
@@ -210,6 +211,7 @@ def _run(args, eval_dir, result_dir, ckpt, cache_dir, train_dir, outputs: Output
               if info.get("mask_history") is not None else "history masked: no (the checkpoint's validation did not say)",
               flush=True)
     table, builder, indexer = prepare_tables(data_cfg, eval_dir, train_dir, cache_dir)
+    attach_young(model, table)
     try:
         users, q, hist, cids, rids, c, rows = export(model, table, builder, indexer, eval_dir, device, args.batch_size,
                                                      args.cand_batch_size, args.num_workers, verbose=True, history=mask)

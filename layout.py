@@ -58,6 +58,7 @@ class DataConfig:
     mm_dims: dict = field(default_factory=dict)       # fid -> vector length
     ctr_meta: dict = field(default_factory=dict)      # precompute_ctr's ctr_meta.json
     use_sid: bool = False             # semantic-id codes of the item's multimodal vectors in the item token
+    new_item_events: int = 0          # an item's first N training events show it as a new item (no id row)
     sid: dict = field(default_factory=dict)           # their codebook (precompute_sid.py), so inference needs no file
 
     # Fields added after checkpoints were first written, each with the value that reproduces a

@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
                    "(default: USER_CACHE_PATH/ctr, then TRAIN_DATA_PATH/ctr)")
     flag("--use_sid", False, "semantic ids: the item's RQ-KMeans codes (precompute_sid.py, one embedding table per "
          "level) join its features; cold items get codes from their vectors with the saved codebook")
+    g.add_argument("--new_item_events", type=int, default=0,
+                   help="an item's first N training events show it as a new item: its id row replaced by the "
+                        "learned new-item row (features kept), as cold items are at inference; items with at most "
+                        "N training events keep that row at inference (needs --cold_ids mask)")
     g.add_argument("--sid_dir", default=None, help="folder of precompute_sid.py outputs "
                    "(default: USER_CACHE_PATH/sid, then TRAIN_DATA_PATH/sid)")
     g.add_argument("--valid_dir", default=None, help="validation folder in the eval layout, with ground_truth.jsonl "
@@ -224,7 +228,7 @@ def get_args(argv=None):
 _INT_MIN = {"maxlen": 1, "hidden_units": 1, "num_blocks": 1, "num_heads": 1, "dqk": 1, "dv": 1, "rel_pos_buckets": 2,
             "rel_time_buckets": 1, "batch_size": 1, "max_epochs": 1, "gradient_accumulation_steps": 1, "log_every": 1,
             "hard_neg_k": 1, "hard_neg_pool": 1, "hard_neg_refresh": 1, "in_batch_max": 1, "max_nonfinite_steps": 1,
-            "valid_users": 0, "num_workers": 0, "feat_dim": 0, "warmup_steps": 0, "max_steps": 0, "eval_every": 0,
+            "valid_users": 0, "num_workers": 0, "feat_dim": 0, "new_item_events": 0, "warmup_steps": 0, "max_steps": 0, "eval_every": 0,
             "patience": 0, "ckpt_every_steps": 0, "keep_last_ckpts": 0, "num_neg": -1, "num_epochs": 1,
             "limit_users": 1, "seed": 0, "valid_seed": 0, "senet_reduction": 1, "rope_dim": 0, "prefetch_factor": 1}
 # Upper bounds: far above any real run, low enough that a typo (an extra zero, 2**63) is a one-line
@@ -273,6 +277,9 @@ def check_args(args) -> None:
     if not args.use_item_id and args.item_tower == "id":
         bad("use_item_id", 0, "an item tower with features (--item_tower add or mlp): with --item_tower id the id "
             "row is all there is")
+    if args.new_item_events and (args.cold_ids != "mask" or not args.use_item_id):
+        bad("new_item_events", args.new_item_events, "0 with --cold_ids keep or --use_item_id 0 (new items are shown "
+            "with the new-item row, which only --cold_ids mask has)")
     if args.use_sid and args.item_tower == "id":
         bad("use_sid", 1, "an item tower with features (--item_tower add or mlp): with --item_tower id the codes "
             "would be unused")

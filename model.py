@@ -122,12 +122,15 @@ class FeatureTower(nn.Module):
     """
 
     def __init__(self, num_ids, sparse, array, mm_dims, use_ctr, d, f, use_senet, init_std=1.0, kind="mlp",
-                 senet_reduction=2, sid_vocab=()):
+                 senet_reduction=2, sid_vocab=(), new_row=False):
         super().__init__()
         self.kind = kind
         if kind == "id":
             sparse, array, mm_dims, use_ctr, sid_vocab = {}, {}, {}, False, ()
-        self.id_emb = nn.Embedding(num_ids + 1, d if kind != "mlp" else f, padding_idx=0)
+        # new_row: one more learned row, num_ids + 1, shared by every entity shown without its id
+        # (new and cold items, dropped ids)
+        self.new_id = num_ids + 1 if new_row else None
+        self.id_emb = nn.Embedding(num_ids + 1 + int(new_row), d if kind != "mlp" else f, padding_idx=0)
         self.sparse = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in sparse.values())
         self.array = nn.ModuleList(nn.Embedding(v, f, padding_idx=0) for v in array.values())
         self.mm_fids = list(mm_dims)
@@ -152,8 +155,11 @@ class FeatureTower(nn.Module):
 
     def forward(self, x):
         ids = x["id"]
+        if self.training and self.id_dropout > 0 and self.new_id is not None:
+            drop = (torch.rand(ids.shape, device=ids.device) < self.id_dropout) & (ids > 0)
+            ids = ids.masked_fill(drop, self.new_id)
         e = self.id_emb(ids)
-        if self.training and self.id_dropout > 0:
+        if self.training and self.id_dropout > 0 and self.new_id is None:
             keep = (torch.rand(ids.shape, device=ids.device) >= self.id_dropout).to(e.dtype)
             e = e * keep.unsqueeze(-1)
         blocks = [e] if self.kind == "mlp" else []
@@ -331,12 +337,16 @@ class GenerativeRecommender(nn.Module):
         d, f = cfg.hidden_units, cfg.feat_dim or cfg.hidden_units
         self.item_tower = FeatureTower(data.num_items if cfg.use_item_id else 0, data.item_sparse, data.item_array,
                                        data.mm_dims, data.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std,
-                                       cfg.item_tower, cfg.senet_reduction, sid_vocab(data))
+                                       cfg.item_tower, cfg.senet_reduction, sid_vocab(data),
+                                       new_row=cfg.cold_ids == "mask" and cfg.use_item_id)
         if cfg.cold_ids == "mask":
-            # Which item ids had a training event (set by the trainer, saved with the weights). The
-            # rest are scored through id row 0, i.e. by their features alone, at every step, as
-            # they are at inference: an id row that never got a gradient is noise, not an item.
+            # Set by the trainer, saved with the weights: which item ids have an id row worth using
+            # (an event in training past the item's first new_item_events), and the time before
+            # which an event shows its item as new (SequenceBuilder rebuilds those flags from it at
+            # inference). The rest are embedded with the new-item row plus their features, in
+            # training and at inference alike: an id row that never got a gradient is noise.
             self.register_buffer("item_trained", torch.ones(data.num_items + 1, dtype=torch.bool))
+            self.register_buffer("item_young_until", torch.zeros(data.num_items + 1, dtype=torch.long))
         self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
@@ -372,10 +382,13 @@ class GenerativeRecommender(nn.Module):
         self.user_tower.id_dropout = p
         self.item_tower.id_dropout = max(p, item_p)
 
-    def set_trained_items(self, trained: torch.Tensor) -> None:
-        """trained: bool [num_items + 1], the item ids that occur in the training sequences."""
+    def set_trained_items(self, trained: torch.Tensor, young_until: torch.Tensor = None) -> None:
+        """trained: bool [num_items + 1], the item ids whose id rows training uses; young_until:
+        dataset.young_until (None: no event shows a new item)."""
         if self.cfg.cold_ids == "mask":
             self.item_trained.copy_(trained.to(self.item_trained.device))
+            if young_until is not None:
+                self.item_young_until.copy_(young_until.to(self.item_young_until.device))
 
     @staticmethod
     def _sub(batch, prefix):
@@ -385,10 +398,15 @@ class GenerativeRecommender(nn.Module):
     def embed_items(self, batch: dict, prefix: str) -> torch.Tensor:
         """The single item-embedding function: history tokens, targets, negatives, candidates."""
         x = {k: v for k, v in self._sub(batch, prefix).items() if k != "inv"}
+        ids = x["id"]                    # -1: shown as a new item (young event, cold candidate)
         if not self.cfg.use_item_id:
-            x["id"] = torch.zeros_like(x["id"])
+            x["id"] = torch.zeros_like(ids)
         elif self.cfg.cold_ids == "mask":
-            x["id"] = x["id"] * self.item_trained[x["id"]]
+            known = ids.clamp(min=0)
+            new = (ids < 0) | ((ids > 0) & ~self.item_trained[known])
+            x["id"] = known.masked_fill(new, self.item_tower.new_id)
+        else:
+            x["id"] = ids.clamp(min=0)
         return self.item_tower(x)
 
     def token_types(self, batch: dict) -> torch.Tensor:

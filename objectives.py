@@ -186,9 +186,10 @@ class Trainer(torch.nn.Module):
         negs = m.embed_items(batch, "neg_") if c.num_neg else None
         # full softmax without per-target inputs (leave-one-out CTR, extra negatives) is plain
         # cross-entropy over the catalogue's vectors: no separate target tower, no masks
-        fast = c.full_softmax and not m.data.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
-        pos = None if fast else m.item_tower({k[4:]: v for k, v in batch.items() if k.startswith("pos_")
-                                              and k not in ("pos_row", "pos_action", "pos_inv")})[batch["pos_inv"][valid]]
+        # (a target shown as a new item has its own input too: see dataset_packed.PackedCollate)
+        fast = (c.full_softmax and not m.data.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
+                and not m.data.new_item_events)
+        pos = None if fast else m.embed_items(batch, "pos_")[batch["pos_inv"][valid]]
         # dot scoring has no temperature: the vectors' norms set the logits' scale
         cosine = m.cfg.score == "cosine"
         tau = torch.full(pos_ids.shape, c.temperature if cosine else 1.0, device=q.device)

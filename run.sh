@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The pipeline: (demo data) -> CTR priors -> train -> infer with the best checkpoint -> evaluate.
+# The pipeline: (demo data) -> CTR priors, semantic ids -> train -> infer with the best checkpoint -> evaluate.
 #
 # With TRAIN_DATA_PATH unset it builds (or reuses) demo data under data/demo and runs everything
 # there. With it set, it runs on your data; inference and evaluation run only where
@@ -30,8 +30,19 @@ export EVAL_RESULT_PATH=${EVAL_RESULT_PATH:-$RUN/result}
 $PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir "${USER_CACHE_PATH}/ctr" \
     --prior auto --k_clip 10,10000 --reuse
 
-# configs/demo.toml: the recommended TencentGR-layout configuration (HSTU, time, CTR channels)
-$PY -u main.py --config configs/demo.toml --ctr_dir "${USER_CACHE_PATH}/ctr" "$@"
+# semantic ids of the items' multimodal vectors (feature 81), refitted only when indexer.pkl or
+# the vectors changed; without vectors the run trains without them
+SID=()
+if ls "${TRAIN_DATA_PATH}"/creative_emb/emb_81_* >/dev/null 2>&1; then
+  $PY -u precompute_sid.py --data_dir "${TRAIN_DATA_PATH}" --output_dir "${USER_CACHE_PATH}/sid" --reuse
+else
+  echo "notice: no multimodal vectors of feature 81 in ${TRAIN_DATA_PATH}/creative_emb: training without semantic ids"
+  SID=(--use_sid 0)
+fi
+
+# configs/demo.toml: the recommended TencentGR-layout configuration (HSTU, time, CTR channels,
+# semantic ids and the cold-item rule)
+$PY -u main.py --config configs/demo.toml --ctr_dir "${USER_CACHE_PATH}/ctr" ${SID[@]+"${SID[@]}"} "$@"
 
 if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
   $PY -u infer.py

@@ -239,7 +239,12 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     s.negatives = Negatives(obj, table, data_cfg.num_items, device, paths["cache"])
     s.model, s.trainer, s.opt, s.sched = build_model(cfg, budget, log_pop, click_rate, device, world, s.lr_scale, say)
     s.trained = D.trained_items(counts, seq_path, offsets, cut)
-    s.model.set_trained_items(torch.from_numpy(s.trained))
+    if data_cfg.new_item_events > 0:
+        until = D.young_until(seq_path, offsets, cut, data_cfg.num_items, data_cfg.new_item_events)
+        table.set_young(until)
+        s.model.set_trained_items(torch.from_numpy(until < D.NEVER), torch.from_numpy(until))
+    else:
+        s.model.set_trained_items(torch.from_numpy(s.trained))
     return s
 
 

@@ -80,6 +80,13 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
+def attach_young(model, table: D.ItemTable) -> None:
+    """Inference tables mark an item's first new_item_events the way training did, from the
+    checkpoint's record of when each item stopped being new."""
+    if model.data.new_item_events > 0 and hasattr(model, "item_young_until"):
+        table.set_young(model.item_young_until.cpu().numpy())
+
+
 def embed_rows(model, table: D.ItemTable, rows: np.ndarray, device, chunk: int = 4096) -> np.ndarray:
     """Item vectors [N, d] of item-table rows, as scored, written into one preallocated array."""
     out, n = np.empty((len(rows), model.cfg.hidden_units), np.float32), 0

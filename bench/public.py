@@ -2,6 +2,14 @@
 
     python bench/public.py --format s3rec --input PATH/s3rec-Beauty --out runs/beauty [--seeds 2]
     python bench/public.py --format movielens --input PATH/ml-100k --out runs/ml100k -- --encoder_type transformer
+    python bench/public.py --format movielens --input PATH/ml-100k --out runs/ml100k-cold --cold_items 0.2 \
+        -- --config cold
+
+With --cold_items a share of the items is made cold (convert_public.py's protocol: no event on them
+in training, still candidates, with their content vector) and the table adds cold/warm targets and
+the content-only baseline (bench/content_baseline.py) beside the model. Semantic ids
+(precompute_sid.py) are computed into each run's cache whenever the converted data has content
+vectors, so `--use_sid` (configs/cold.toml) finds them.
 
 Protocol (docs/BENCHMARKS_PROTOCOL.md): leave-one-out split (convert_public.py), full ranking over every
 item with the user's input history masked, ties counted against the target; the checkpoint is
@@ -35,6 +43,9 @@ def get_args():
     p.add_argument("--first_seed", type=int, default=0, help="seeds run from this one")
     p.add_argument("--name", default="hstu", help="label of this configuration in the output")
     p.add_argument("--no_mask_history", action="store_true", help="do not mask the input history when ranking")
+    p.add_argument("--cold_items", type=float, default=0.0,
+                   help="convert with this share of the items made cold (convert_public.py --cold_items)")
+    p.add_argument("--cold_seed", type=int, default=0, help="seed of the cold items' draw (convert_public.py --seed)")
     p.add_argument("main_args", nargs="*", help="extra main.py flags (after --)")
     return p.parse_args()
 
@@ -53,8 +64,10 @@ def split_metrics(run, data, split, device, mask_history=True, top_k=0):
     model, data_cfg, path = infer.load_model(os.path.join(run, "ckpt"), device)
     folder, train = os.path.join(data, split), os.path.join(data, "train")
     table, _, _ = infer.prepare_tables(data_cfg, folder, train, os.path.join(run, "cache"))
+    infer.attach_young(model, table)
+    trained = model.item_trained.cpu().numpy() if hasattr(model, "item_trained") else None
     return infer.evaluate_folder(model, data_cfg, table, folder, train, device, mask_history=mask_history,
-                                 top_k=top_k), path
+                                 top_k=top_k, trained=trained), path
 
 
 def test_metrics(run, data, out_json, mask_history):
@@ -72,12 +85,17 @@ def main():
     a = get_args()
     data = os.path.join(a.out, "data")
     if not os.path.exists(os.path.join(data, "test", "ground_truth.jsonl")):
+        cold = ["--cold_items", str(a.cold_items), "--seed", str(a.cold_seed)] if a.cold_items else []
         subprocess.run([sys.executable, os.path.join(ROOT, "convert_public.py"), "--format", a.format,
-                        "--input", a.input, "--out", data], check=True)
+                        "--input", a.input, "--out", data, *cold], check=True)
     rows = []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         run = os.path.join(a.out, f"{a.name}_seed{seed}")
         env = run_env(data, run)
+        if os.path.isdir(os.path.join(data, "train", "creative_emb")):
+            subprocess.run([sys.executable, os.path.join(ROOT, "precompute_sid.py"), "--data_dir",
+                            os.path.join(data, "train"), "--output_dir", os.path.join(run, "cache", "sid"), "--reuse"],
+                           check=True, env=env)
         cmd = [sys.executable, "-u", os.path.join(ROOT, "main.py"), "--config", CONFIGS[a.format], "--seed", str(seed),
                "--valid_dir", os.path.join(data, "valid"), *a.main_args]
         print(" ".join(cmd), flush=True)
@@ -95,7 +113,26 @@ def main():
         mean, std = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
         summary[k], summary[k + "_std"] = round(mean, 5), round(std, 5)
         print(f"{k:<10} {mean:>8.4f} {std:>8.4f}")
+    if a.cold_items:
+        summary["content_only"] = content_baseline(data)
+        print("content-only baseline (test): " + "  ".join(f"{k} {v:.4f}" for k, v in summary["content_only"].items()))
     print(json.dumps(summary))
+
+
+def content_baseline(data) -> dict:
+    """bench/content_baseline.py's test HR@10 / NDCG@10, all / cold / warm, and the random HR@10."""
+    import content_baseline as CB
+    from layout import load_pickle
+    train = os.path.join(data, "train")
+    indexer = load_pickle(os.path.join(train, "indexer.pkl"))
+    cands, users = CB.read_split(os.path.join(data, "test"), indexer)
+    rank = CB.ranks(cands, users, CB.load_vectors(train, "81"))
+    cold = CB.np.array([tgt not in indexer["i"] for _, tgt in users])
+    out = {}
+    for name, sel in (("", CB.np.ones(len(users), bool)), ("cold_", cold), ("warm_", ~cold)):
+        out[f"{name}HR@10"], out[f"{name}NDCG@10"] = CB.metrics(rank[sel])
+    out["random_HR@10"] = 10 / len(cands)
+    return out
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_cold_item_vector_is_the_same_built_either_way(folder, tmp_path):
         assert not torch.allclose(warm, m.item_vectors(ids_off))
 
 
-def test_item_id_dropout_only_drops_item_ids_in_training(folder, tmp_path):
+def test_item_id_dropout_shows_items_as_new_in_training_only(folder, tmp_path):
     root, _, _ = folder
     cfg = data_cfg(root)
     table = table_of(root, cfg, range(1, N_ITEMS + 1), tmp_path)
@@ -114,7 +114,9 @@ def test_item_id_dropout_only_drops_item_ids_in_training(folder, tmp_path):
     m.train()
     dropped = m.embed_items(x, "c_")
     m.eval()
-    torch.testing.assert_close(dropped, m.embed_items(dict(x, c_id=torch.zeros(10, dtype=torch.long)), "c_"))
+    as_new = m.embed_items(dict(x, c_id=torch.full((10,), -1, dtype=torch.long)), "c_")    # the new-item row
+    torch.testing.assert_close(dropped, as_new)
+    assert not torch.allclose(as_new, m.embed_items(x, "c_"))
 
 
 def test_trained_items_against_a_naive_count(tmp_path):
@@ -201,3 +203,63 @@ def test_train_and_infer_with_semantic_ids(tmp_path):
     assert trained.dtype == torch.bool and not trained[0] and trained.sum() > 0
     result = json.loads((run / "res" / "result.json").read_text())
     assert result
+
+
+def write_seq(path, rows):
+    offsets, pos = [], 0
+    with open(path, "wb") as f:
+        for r in rows:
+            line = (json.dumps(r) + "\n").encode()
+            offsets.append(pos)
+            pos += len(line)
+            f.write(line)
+    return offsets
+
+
+def test_young_until_against_a_naive_sort(tmp_path):
+    rng = np.random.default_rng(3)
+    rows, per_item = [], {}
+    for u in range(1, 40):
+        n = int(rng.integers(1, 12))
+        ts = np.sort(rng.integers(0, 50, n))           # ties across users on purpose
+        items = rng.integers(1, 9, n)
+        rows.append([[u, int(i), None, {}, 1, int(t)] for i, t in zip(items, ts)])
+    cut = {3: 1, 10: 2}
+    for line, r in enumerate(rows):
+        for rec in r[:cut.get(line, len(r))]:
+            per_item.setdefault(rec[1], []).append(rec[5])
+    offsets = write_seq(tmp_path / "seq.jsonl", rows)
+    for n in (0, 1, 3):
+        got = D.young_until(str(tmp_path / "seq.jsonl"), offsets, cut, 10, n, chunk=7)
+        want = [sorted(per_item[i])[n] if len(per_item.get(i, [])) > n else D.NEVER for i in range(11)]
+        assert got.tolist() == want
+
+
+def test_young_events_get_their_own_new_item_input(tmp_path):
+    """The collate keys a young event apart from the same item's other events and gives it id -1;
+    the model embeds id -1 and untrained ids with the new-item row, padding stays row 0."""
+    cfg = layout.DataConfig(maxlen=4, num_users=3, num_items=6, item_sparse={"100": 3}, use_timefeat=False,
+                            new_item_events=1)
+    idx = {"u": {}, "i": {100 + r: r for r in range(1, 7)}, "f": {}}
+    table = D.ItemTable(cfg, idx, {str(r): {"100": 1 + r % 2} for r in range(1, 7)})
+    until = np.array([D.NEVER, 20, D.NEVER, 5, 0, 0, 0])      # item 1 new before t=20; item 2 always
+    table.set_young(until)
+    b = D.SequenceBuilder(cfg, table, {})
+    events = [(1, None, 1, 10), (2, None, 1, 11), (1, None, 1, 30), (3, None, 1, 31)]
+    s = b.build(1, None, events, train=True)
+    assert s["seq_young"].tolist() == [False, False, True, True, False]        # user token, 1@10, 2@11, 1@30
+    assert s["pos_young"].tolist() == [False, True, True, False, False]        # targets 1@10, 2@11, 1@30, 3@31
+    import dataset_packed as P
+    batch = P.PackedCollate(table)([s])
+    seq_ids = batch["seq_id"][batch["seq_inv"]][0].tolist()
+    assert seq_ids == [0, -1, -1, 1]                     # the user token is row 0 (shared padding trimmed)
+    assert batch["pos_id"][batch["pos_inv"]][0].tolist() == [-1, -1, 1, 3]
+    m = M.GenerativeRecommender(M.ModelConfig(hidden_units=8, feat_dim=4), cfg)
+    trained = torch.tensor([False, True, False, True, True, True, True])
+    m.set_trained_items(trained, torch.from_numpy(until))
+    new = m.item_tower.new_id
+    assert new == 7 and m.item_tower.id_emb.num_embeddings == 8
+    seen = {}
+    m.item_tower.forward = lambda x: seen.setdefault("id", x["id"].clone())
+    m.embed_items({"c_id": torch.tensor([0, -1, 1, 2, 3])}, "c_")
+    assert seen["id"].tolist() == [0, new, 1, new, 3]

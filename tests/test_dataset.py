@@ -151,7 +151,7 @@ def test_training_sequence_targets_are_next_events_and_window_is_newest():
 def test_cold_candidates_extend_the_table():
     b, table = _tiny_builder()
     rows = table.extend([103, 999, 1000, 999], [{}, {"100": 2}, {"100": "new"}, {"100": 2}])
-    assert rows.tolist() == [3, 7, 8, 7] and table.id[7] == 0 and table.sparse[7].tolist() == [2]
+    assert rows.tolist() == [3, 7, 8, 7] and table.id[7] == -1 and table.sparse[7].tolist() == [2]
     assert b.item_rows([3, 999, 12345, None]).tolist() == [3, 7, 0, 0]
 
 

@@ -185,9 +185,10 @@ def test_id_dropout_only_in_training_and_senet_shapes():
     m.item_tower.id_emb.weight.data.normal_()
     out_drop = m.item_tower({"id": b["seq_id"], "sparse": b["seq_sparse"], "array": b["seq_array"],
                              "mm_81": b["seq_mm_81"], "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]})
-    no_id = m.item_tower({"id": torch.zeros_like(b["seq_id"]), "sparse": b["seq_sparse"], "array": b["seq_array"],
-                          "mm_81": b["seq_mm_81"], "mm_mask": b["seq_mm_mask"], "ctr": b["seq_ctr"]})
-    torch.testing.assert_close(out_drop, no_id)                # p = 1 removes the id block only
+    no_id = m.item_tower({"id": torch.full_like(b["seq_id"], m.item_tower.new_id), "sparse": b["seq_sparse"],
+                          "array": b["seq_array"], "mm_81": b["seq_mm_81"], "mm_mask": b["seq_mm_mask"],
+                          "ctr": b["seq_ctr"]})
+    torch.testing.assert_close(out_drop, no_id)                # p = 1 shows every item as new (its id row only)
 
 
 def test_small_init_mode_sets_every_table_and_zero_tower_biases():
