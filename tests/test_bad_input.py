@@ -309,8 +309,8 @@ CASES = [
      "{train}/item_feat_dict.json: a JSON array, expected an object {item re-id: {feature_id: value}}",
      []),
     ("checkpoint_other_shapes", "infer", "cli", _ckpt_other_width,
-     "error: {file}: weights do not match the model config (size mismatch for item_tower.mm_missing: copying "
-     "a param with shape torch.Size([2, 8]) from checkpoint, the shape in current model is torch.Size([1, 8]).)"),
+     "error: {file}: weights do not match the model config (size mismatch for item_trained: copying "
+     "a param with shape torch.Size([138]) from checkpoint, the shape in current model is torch.Size([69]).)"),
     ("checkpoint_missing", "infer", "cli", _no_ckpt,
      "error: {ckpt}: no checkpoint (looked for model.pt or global_step*/meta.json)"),
     # --- CTR precompute ---
