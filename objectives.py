@@ -144,7 +144,7 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
             e = e + (1.0 if len(neg_ids) >= num_items else len(neg_ids) / max(1, num_items))
         return e.log()
     le_pos, le_cand = (log_expected(pos_ids), log_expected(cand_ids)) if log_pop is not None else (None, None)
-    if row_negs is None and fused and q.device.type == "cpu" and not torch.is_autocast_enabled():
+    if row_negs is None and fused and q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         return _InfoNCE.apply(q, cand, pos_logit, hit, tau, le_pos, le_cand), pos_logit
     neg_logit = (q @ cand.T).masked_fill(hit, float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]

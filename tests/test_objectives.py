@@ -191,3 +191,13 @@ def test_package_hard_negatives_extend_the_softmax():
         t = torch.tensor(logits, dtype=torch.float64) / 0.5
         want.append(float(torch.logsumexp(t, 0) - t[0]))
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_info_nce_under_cpu_autocast_is_the_plain_form():
+    """Under bf16 autocast (gpu_check's dry run) the loss is the plain autograd form's: the fused
+    buffer is float32 CPU only."""
+    q, pos, negs, rest = nce_inputs(40, 5, 8, True, None, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = objectives.info_nce(q, pos, rest[0], negs, *rest[1:])[0]
+        b = objectives.info_nce(q, pos, rest[0], negs, *rest[1:], fused=False)[0]
+    assert torch.equal(a, b)
