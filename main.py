@@ -30,7 +30,7 @@ import layout as L
 import retrieval_torch as R
 import validation as V
 from layout import PAD, ArgumentParser, DataError, atomic_write, run_cli
-from training import RunConfig, Setup, TrainState, build_training, id_dropout_at, seed_everything
+from training import RunConfig, Setup, TrainState, build_training, id_dropout_at, keep_freed_memory, seed_everything
 
 
 def str2bool(v):
@@ -559,6 +559,7 @@ def setup_process(loop):
         # differed by up to 6e-7 between two runs); their deterministic versions cost no
         # measurable time here, so the same command gives the same weights bit for bit
         torch.use_deterministic_algorithms(True)
+    keep_freed_memory()
     seed_everything(loop.seed + rank)
     return rank, world, device
 

@@ -12,6 +12,11 @@ is `hstu_attn="silu"`, normalised by the number of visible keys rather than the 
 that padding changes nothing); relative position/time biases use log buckets of the distance and
 of the time gap between the query's and the key's events; no FFN after HSTU blocks, as in the
 paper. The model knows tensors only: readers build the batch dict (see dataset_packed.PackedCollate).
+
+Attention: softmax without relative bias runs with no mask: each block's attention takes its
+tokens in causal order (each row's real tokens first, padding after; see causal_order), where
+is_causal alone is exact, so SDPA may use its flash kernels. Relative bias and SiLU attention
+keep the explicit mask. Both give the same outputs at every position (tests/test_model.py).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -238,6 +243,7 @@ class HSTUBlock(nn.Module):
     def forward(self, x, ctx):
         B, T, _ = x.shape
         y = self.norm(x) if self.cfg.norm_first else x
+        y = to_causal_order(y, ctx)
         u, v, q, k = torch.split(F.silu(self.uvqk(y)), [self.h * self.dv, self.h * self.dv,
                                                          self.h * self.dqk, self.h * self.dqk], -1)
         q = q.view(B, T, self.h, self.dqk).transpose(1, 2)     # [B, H, T, dqk]
@@ -247,9 +253,11 @@ class HSTUBlock(nn.Module):
             q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
         bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
         a = attention(q, k, v, ctx["allowed"], bias, self.cfg.hstu_attn,
-                      self.cfg.attn_dropout if self.training else 0.0)
+                      self.cfg.attn_dropout if self.training else 0.0, ctx.get("real"))
         a = a.transpose(1, 2).reshape(B, T, self.h * self.dv)  # [B, T, H*dv]
-        x = x + self.drop(self.out(self.attn_norm(a) * u))
+        # back in the batch's order before dropout, so each token draws the same dropout mask
+        # on either path
+        x = x + self.drop(self.out(from_causal_order(self.attn_norm(a) * u, ctx)))
         x = x if self.cfg.norm_first else self.norm(x)
         return x if self.ffn is None else self.ffn(x)
 
@@ -285,13 +293,14 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, ctx):
         B, T, d = x.shape
-        y = self.norm1(x) if self.cfg.norm_first else x
+        y = to_causal_order(self.norm1(x) if self.cfg.norm_first else x, ctx)
         q, k, v = (t.view(B, T, self.h, d // self.h).transpose(1, 2) for t in self.qkv(y).chunk(3, -1))
         if ctx.get("rope") is not None:
             q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
         bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
-        a = attention(q, k, v, ctx["allowed"], bias, "softmax", self.cfg.attn_dropout if self.training else 0.0)
-        x = x + self.drop(self.o(a.transpose(1, 2).reshape(B, T, d)))
+        a = attention(q, k, v, ctx["allowed"], bias, "softmax", self.cfg.attn_dropout if self.training else 0.0,
+                      ctx.get("real"))
+        x = x + self.drop(self.o(from_causal_order(a.transpose(1, 2).reshape(B, T, d), ctx)))
         if not self.cfg.norm_first:
             x = self.norm1(x)
         y = self.norm2(x) if self.cfg.norm_first else x
@@ -299,13 +308,66 @@ class TransformerBlock(nn.Module):
         return x if self.cfg.norm_first else self.norm2(x)
 
 
-def attention(q, k, v, allowed, bias, kind: str, dropout_p: float) -> torch.Tensor:
-    """Masked attention. allowed: bool [B, 1, T, T] (causal, real keys, always self).
+def causal_order(real: torch.Tensor):
+    """Token order in which causal attention alone equals the encoder's mask (a real query sees
+    the real keys up to itself, a padding query itself), for any padding layout: each row's real
+    tokens first, in their order, then its padding. A real query then sees exactly the real
+    tokens up to itself; attention() gives a padding query its own value.
+    Returns flat row indices into [B*T] to that order and back, and `real` in that order."""
+    B, T = real.shape
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices         # [B, T]
+    back = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=real.device).expand(B, T))
+    base = (torch.arange(B, device=real.device) * T).unsqueeze(1)
+    return (order + base).reshape(-1), (back + base).reshape(-1), real.gather(1, order)
+
+
+class _Reorder(torch.autograd.Function):
+    """Rows of a [N, c] tensor in the order `to`; `back` is its inverse, so the gradient is a
+    gather too (index_select's own backward is a scatter-add: slower, and atomic on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x, to, back):
+        ctx.save_for_backward(back)
+        return x.index_select(0, to)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back, = ctx.saved_tensors
+        return grad.index_select(0, back), None, None
+
+
+def to_causal_order(x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """[B, T, c] tokens into causal order (unchanged on the masked path)."""
+    if ctx.get("order") is None:
+        return x
+    to, back = ctx["order"]
+    return _Reorder.apply(x.reshape(-1, x.shape[-1]), to, back).view(x.shape)
+
+
+def from_causal_order(x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """[B, T, c] tokens from causal order back to the batch's order."""
+    if ctx.get("order") is None:
+        return x
+    to, back = ctx["order"]
+    return _Reorder.apply(x.reshape(-1, x.shape[-1]), back, to).view(x.shape)
+
+
+def attention(q, k, v, allowed, bias, kind: str, dropout_p: float, real=None) -> torch.Tensor:
+    """Masked attention. allowed: bool [B, 1, T, T] (a real query: the real keys up to itself; a
+    padding query: itself).
 
     softmax goes through scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
     masked keys get exactly zero weight. silu is HSTU's pointwise form divided by the number of
     visible keys.
+
+    allowed None (softmax without bias only): the tokens are in causal order (see causal_order:
+    real tokens first, padding after), where causal attention alone is the same as the mask, so
+    no mask is passed and SDPA may pick its flash kernel. real: bool [B, 1, T, 1] in that order;
+    a padding query attends to itself alone under the mask, so its output is its own value.
     """
+    if allowed is None:
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return a if real is None else torch.where(real, a, v)
     if kind == "softmax":
         if bias is None:
             mask = allowed
@@ -362,6 +424,8 @@ class GenerativeRecommender(nn.Module):
         self.final_norm = make_norm(cfg.norm_type, d)
         self.next_action_emb = nn.Embedding(4, d, padding_idx=0) if cfg.action_cond else None
         self.head = nn.Linear(d, d) if cfg.query_head else None
+        # False forces the masked attention path everywhere (tests and benchmarks compare the two)
+        self.mask_free = True
         if cfg.emb_init_std != 1.0:
             # Small-init mode. With nn.Embedding's unit rows, the position/type/action rows added
             # to each token (norm ~sqrt(d)) drown the item's own vector, and items start as one
@@ -439,15 +503,25 @@ class GenerativeRecommender(nn.Module):
         x = self.emb_drop(x) * real.unsqueeze(-1)
 
         idx = torch.arange(T, device=tt.device)
-        causal = idx.view(1, T) <= idx.view(T, 1)                       # [T, T] key <= query
-        allowed = (causal & real.unsqueeze(1)) | torch.eye(T, dtype=torch.bool, device=tt.device)
-        ctx = {"allowed": allowed.unsqueeze(1)}                         # [B, 1, T, T]
+        pos_idx = batch["pos_idx"]
+        if self.mask_free and not cfg.use_rel_bias and (cfg.encoder_type != "hstu" or cfg.hstu_attn == "softmax"):
+            # no mask: each block attends in causal order (real tokens first), where is_causal
+            # alone is exact; the rest of the block stays in the batch's order
+            to, back, real_c = causal_order(real)
+            ctx = {"allowed": None, "order": (to, back), "real": real_c.view(B, 1, T, 1)}
+            pos_idx = pos_idx.reshape(-1)[to].view(B, T)
+        else:
+            causal = idx.view(1, T) <= idx.view(T, 1)                   # [T, T] key <= query
+            # a padding query sees itself alone (padding before the events, the readers' layout,
+            # sees nothing else anyway): so is it in causal order, and the paths agree everywhere
+            allowed = (causal & real.unsqueeze(1) & real.unsqueeze(2)) | torch.eye(T, dtype=torch.bool, device=tt.device)
+            ctx = {"allowed": allowed.unsqueeze(1)}                     # [B, 1, T, T]
         if cfg.use_rel_bias:
             ts = batch["ts"]
             ctx["pos_b"] = rel_pos_bucket(idx.view(T, 1) - idx.view(1, T), cfg.rel_pos_buckets)     # [T, T]
             ctx["time_b"] = rel_time_bucket(ts.unsqueeze(2) - ts.unsqueeze(1), cfg.rel_time_buckets)
         if cfg.use_rope:
-            ang = batch["pos_idx"].float().unsqueeze(-1) * self.rope_freq  # [B, T, dh/2]
+            ang = pos_idx.float().unsqueeze(-1) * self.rope_freq          # [B, T, dh/2], attention's order
             ctx["rope"] = (ang.cos().unsqueeze(1).to(x.dtype), ang.sin().unsqueeze(1).to(x.dtype))
         for blk in self.blocks:
             if cfg.grad_checkpoint and self.training:

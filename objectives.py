@@ -62,8 +62,49 @@ class ObjectiveConfig:
         return [float(x) for x in self.rankloss_weights.split(",")] if self.rankloss_weights else None
 
 
+class _InfoNCE(torch.autograd.Function):
+    """info_nce's loss per target without per-row hard negatives, in one [N, 1 + M] logit buffer:
+    the same operations, in the same order, as the plain autograd form (positive logit, then
+    q @ cand.T with hits masked, divided by tau, minus log expected counts, logsumexp minus the
+    positive), so loss and gradients are the same bit for bit (a test compares them), but with
+    3 full-size temporaries instead of about 15 (each [N, M] is tens of MiB: allocating and
+    filling them was most of a CPU training step). The backward works in place on one new
+    buffer and forms the two matrix products as autograd's mm backward does."""
+
+    @staticmethod
+    def forward(ctx, q, cand, pos_logit, hit, tau, le_pos, le_cand):
+        N, M = hit.shape
+        logits = q.new_empty(N, 1 + M)
+        logits[:, 0] = pos_logit
+        torch.mm(q, cand.T, out=logits[:, 1:])
+        hit = hit.nonzero(as_tuple=True)           # accidental hits are few: index them, not a pass
+        hit = (hit[0], hit[1] + 1)
+        logits.index_put_(hit, logits.new_tensor(float("-inf")))
+        logits.div_(tau.unsqueeze(1))
+        if le_pos is not None:
+            logits[:, 0].sub_(le_pos)
+            logits[:, 1:].sub_(le_cand.unsqueeze(0))
+        lse = torch.logsumexp(logits, 1)
+        ctx.save_for_backward(q, cand, *hit, tau, logits, lse)
+        return lse - logits[:, 0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, cand, hit_rows, hit_cols, tau, logits, lse = ctx.saved_tensors
+        grad = (logits - lse.unsqueeze(1)).exp_().mul_(g.unsqueeze(1))     # d lse: exp(logit - lse) * g
+        grad[:, 0].sub_(g)                                                 # d (-positive logit)
+        grad.div_(tau.unsqueeze(1))
+        grad.index_put_((hit_rows, hit_cols), grad.new_tensor(0.0))      # masked_fill's +0 at the hits
+        grad_neg = grad[:, 1:]
+        # mm's backward for q @ cand.T (q row-major, cand.T column-major), as autograd forms it
+        grad_q = grad_neg.mm(cand) if ctx.needs_input_grad[0] else None
+        grad_cand = grad_neg.t().mm(q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_cand, grad[:, 0], None, None, None, None
+
+
 def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None,
-             row_negs=None, row_neg_ids=None):
+             row_negs=None, row_neg_ids=None, fused=True):
     """Per-target InfoNCE on L2-normalised vectors -> (loss [N], positive logit [N]).
 
     Candidates: the positive, the other targets of the batch (in_batch; in_batch_idx picks a
@@ -75,6 +116,9 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     of the item's expected count in the candidate set, N * p(item) for in-batch plus
     S / num_items for uniform samples (sampled softmax, Yi et al. 2019); without it popular
     items are over-penalised.
+
+    fused (CPU, no autocast, no row_negs): the same numbers through _InfoNCE's single buffer;
+    False: the plain autograd form.
     """
     pos_logit = (q * pos).sum(-1)                                      # [N]
     cols, ids = [], []
@@ -90,18 +134,22 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     cand = torch.cat(cols) if cols else q.new_zeros(0, q.shape[1])    # [M, d]
     cand_ids = torch.cat(ids) if ids else pos_ids.new_zeros(0)
     n_in = len(ids[0]) if in_batch else 0
-    neg_logit = (q @ cand.T).masked_fill(cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
+    hit = cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1)                # [N, M]
+
+    def log_expected(i):
+        e = torch.zeros(i.shape, device=q.device)
+        if in_batch:
+            e = e + n_in * log_pop[i].exp()
+        if negs is not None:
+            e = e + (1.0 if len(neg_ids) >= num_items else len(neg_ids) / max(1, num_items))
+        return e.log()
+    le_pos, le_cand = (log_expected(pos_ids), log_expected(cand_ids)) if log_pop is not None else (None, None)
+    if row_negs is None and fused and q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        return _InfoNCE.apply(q, cand, pos_logit, hit, tau, le_pos, le_cand), pos_logit
+    neg_logit = (q @ cand.T).masked_fill(hit, float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]
     if log_pop is not None:
-        def log_expected(i):
-            e = torch.zeros(i.shape, device=q.device)
-            if in_batch:
-                e = e + n_in * log_pop[i].exp()
-            if negs is not None:
-                e = e + (1.0 if len(neg_ids) >= num_items else len(neg_ids) / max(1, num_items))
-            return e.log()
-        logits = logits - torch.cat([log_expected(pos_ids).unsqueeze(1),
-                                     log_expected(cand_ids).unsqueeze(0).expand(len(q), -1)], 1)
+        logits = logits - torch.cat([le_pos.unsqueeze(1), le_cand.unsqueeze(0).expand(len(q), -1)], 1)
     if row_negs is not None:
         hard = (q.unsqueeze(1) * row_negs).sum(-1)                      # [N, K]
         hard = hard.masked_fill((row_neg_ids == 0) | (row_neg_ids == pos_ids.unsqueeze(1)), float("-inf"))

@@ -230,3 +230,147 @@ def test_user_id_switch():
     assert not torch.allclose(off.encode(pack(a)), off.encode(pack(c)))
     on = M.GenerativeRecommender(*make_cfg()).eval()
     assert not torch.allclose(on.encode(pack(a)), on.encode(pack(b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The mask-free attention path (causal order + is_causal) against the masked path
+# ---------------------------------------------------------------------------------------------
+
+def relayout(b, where):
+    """The batch with each row's real tokens moved to positions `where(row, n_real)` (ascending,
+    so their order is kept) and padding everywhere else: per-token tensors only."""
+    B, Tb = b["token_type"].shape
+    out = {k: v.clone() for k, v in b.items()}
+    for i in range(B):
+        src = torch.nonzero(b["token_type"][i] != M.PAD).flatten()
+        dst = torch.as_tensor(where(i, len(src)))
+        for k, v in b.items():
+            if v.dim() > 1 and v.shape[1] == Tb:
+                row = torch.zeros_like(v[i])
+                row[dst] = v[i, src]
+                out[k][i] = row
+    return out
+
+
+def right_pad(b):
+    return relayout(b, lambda i, n: range(n))
+
+
+def middle_pad(b):
+    """Real tokens spread over the row with padding between them (not a layout the readers
+    write, but the mask defines outputs for it too)."""
+    g = torch.Generator().manual_seed(1)
+    return relayout(b, lambda i, n: torch.randperm(T, generator=g)[:n].sort().values)
+
+
+class SDPACalls:
+    """Records how model.attention calls scaled_dot_product_attention."""
+
+    def __init__(self, monkeypatch):
+        self.calls, real = [], F.scaled_dot_product_attention
+        def spy(*a, **kw):
+            self.calls.append((kw.get("attn_mask") is None, kw.get("is_causal", False)))
+            return real(*a, **kw)
+        monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+
+
+MASK_FREE = [dict(), dict(encoder_type="transformer"), dict(use_rope=True), dict(use_rope=True, rope_dim=4),
+             dict(action_cond=True), dict(norm_type="layernorm", norm_first=False), dict(hstu_ffn=True),
+             dict(use_user_token=False), dict(encoder_type="transformer", use_rope=True)]
+
+
+def test_attention_in_causal_order_matches_naive_masked_loop():
+    """attention() without a mask, on q/k/v put in causal_order and put back, equals the masked
+    naive loop at every position, for left, right and scattered padding."""
+    torch.manual_seed(0)
+    B, H, Tq, dh = 3, 2, 6, 3
+    q, k, v = torch.randn(B, H, Tq, dh), torch.randn(B, H, Tq, dh), torch.randn(B, H, Tq, 4)
+    real = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    idx = torch.arange(Tq)
+    allowed = ((idx.view(1, Tq) <= idx.view(Tq, 1)) & real.unsqueeze(1) & real.unsqueeze(2)) | torch.eye(Tq, dtype=torch.bool)
+    allowed = allowed.unsqueeze(1)
+    to, back, real_c = M.causal_order(real)
+    assert real_c.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    perm = lambda t, ix: t.transpose(1, 2).reshape(B * Tq, -1)[ix].view(B, Tq, H, -1).transpose(1, 2)
+    a = M.attention(perm(q, to), perm(k, to), perm(v, to), None, None, "softmax", 0.0, real_c.view(B, 1, Tq, 1))
+    torch.testing.assert_close(perm(a, back), naive_attention(q, k, v, allowed, None, "softmax"), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [lambda b: b, right_pad, middle_pad], ids=["left", "right", "middle"])
+@pytest.mark.parametrize("opts", MASK_FREE)
+def test_mask_free_path_equals_masked_path(opts, layout, monkeypatch):
+    """Softmax attention without relative bias runs without a mask (is_causal only) and gives the
+    masked path's outputs at every position; real positions equal the left-padded batch's."""
+    torch.manual_seed(0)
+    m = M.GenerativeRecommender(*make_cfg(**opts)).eval()
+    a = make_batch(B=4, n_events=(8, 5, 2, 1))
+    b = pack(layout(a))
+    spy = SDPACalls(monkeypatch)
+    fast = m.encode(b)
+    assert spy.calls and all(c == (True, True) for c in spy.calls)          # no mask, is_causal
+    spy.calls.clear()
+    m.mask_free = False
+    masked = m.encode(b)
+    assert spy.calls and all(c == (False, False) for c in spy.calls)
+    torch.testing.assert_close(fast, masked, atol=1e-5, rtol=1e-4)
+    real, real_left = b["token_type"] != M.PAD, a["token_type"] != M.PAD
+    if not m.cfg.use_user_token:
+        real, real_left = real & (b["token_type"] != M.USER_TOKEN), real_left & (a["token_type"] != M.USER_TOKEN)
+    torch.testing.assert_close(fast[real], m.encode(pack(a))[real_left], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opts", [dict(use_rel_bias=True), dict(hstu_attn="silu"),
+                                  dict(encoder_type="transformer", use_rel_bias=True)])
+def test_bias_and_silu_keep_the_mask(opts, monkeypatch):
+    m = M.GenerativeRecommender(*make_cfg(**opts)).eval()
+    spy = SDPACalls(monkeypatch)
+    m.encode(pack(make_batch()))
+    assert all(c == (False, False) for c in spy.calls)                        # silu: no SDPA call at all
+
+
+def training_batch(b, n_items=50, n_neg=7, seed=0):
+    """make_batch's tokens plus the trainer's inputs: next-item targets (packed per token) and
+    shared negatives, as PackedCollate and sample_negatives give them."""
+    g = torch.Generator().manual_seed(seed)
+    B, Tb = b["token_type"].shape
+    out = pack(b)
+    item = lambda k: b[f"seq_{k}"]
+    nxt = lambda t: torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], 1)
+    is_item = nxt(b["token_type"]) == M.ITEM_TOKEN
+    out["pos_row"] = nxt(item("id")) * is_item
+    out["pos_action"] = nxt(b["action"]) * is_item
+    for k in ("id", "sparse", "array", "mm_81", "mm_mask", "ctr"):
+        out[f"pos_{k}"] = nxt(item(k)).flatten(0, 1)
+    out["pos_id"] = out["pos_row"].flatten()
+    out["pos_inv"] = torch.arange(B * Tb).view(B, Tb)
+    rows = torch.randint(1, n_items + 1, (n_neg,), generator=g)
+    out.update(neg_row=rows, neg_id=rows, neg_sparse=torch.randint(0, 6, (n_neg, 2), generator=g),
+               neg_array=torch.randint(0, 5, (n_neg, 1, 3), generator=g), neg_mm_81=torch.randn(n_neg, 4, generator=g),
+               neg_mm_mask=torch.rand(n_neg, 1, generator=g) > 0.3, neg_ctr=torch.randn(n_neg, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(encoder_type="transformer", action_cond=True)])
+def test_mask_free_path_same_user_vectors_loss_and_gradients(opts):
+    """The whole model on both paths: user vectors, training loss (InfoNCE over in-batch and
+    sampled negatives) and every gradient agree, on a left- and a right-padded batch."""
+    import objectives as O
+    torch.manual_seed(0)
+    m = M.GenerativeRecommender(*make_cfg(**opts))
+    trainer = O.Trainer(m, O.ObjectiveConfig(num_neg=7), torch.log(torch.rand(50) + 0.1), 50, 0.1)
+    for b in (make_batch(B=4, n_events=(8, 5, 2, 1)), right_pad(make_batch(B=4, n_events=(8, 5, 2, 1)))):
+        out = []
+        for mask_free in (True, False):
+            m.mask_free = mask_free
+            m.zero_grad()
+            loss, _, last = trainer(training_batch(b))
+            loss.backward()
+            out.append((m.user_vectors(pack(b)), loss.detach(), last,
+                        {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        (u1, l1, last1, g1), (u2, l2, last2, g2) = out
+        torch.testing.assert_close(u1, u2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last1, last2, atol=1e-5, rtol=1e-4)
+        assert g1.keys() == g2.keys() and len(g1) > 10
+        for n in g1:
+            torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -42,10 +42,11 @@ def naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, num_items, in_b
     return torch.tensor(out, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("in_batch,with_negs,logq,sub", [(True, True, True, None), (True, False, False, None),
                                                          (False, True, True, None), (True, True, False, None),
                                                          (True, True, True, [4, 0, 2])])
-def test_info_nce_matches_naive_loop(in_batch, with_negs, logq, sub):
+def test_info_nce_matches_naive_loop(in_batch, with_negs, logq, sub, fused):
     torch.manual_seed(0)
     N, S, d, items = 6, 5, 4, 9
     q = F.normalize(torch.randn(N, d), dim=-1)
@@ -56,9 +57,49 @@ def test_info_nce_matches_naive_loop(in_batch, with_negs, logq, sub):
     tau = torch.tensor([0.05, 0.1, 0.05, 0.2, 0.05, 0.1])
     log_pop = torch.log(torch.softmax(torch.randn(items + 1), 0)) if logq else None
     got, _ = objectives.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch,
-                           None if sub is None else torch.tensor(sub))
+                           None if sub is None else torch.tensor(sub), fused=fused)
     want = naive_info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch, sub)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def nce_inputs(N, S, d, logq, sub, two_tau, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(N, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    pos = F.normalize(torch.randn(N, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    negs = F.normalize(torch.randn(S, d, generator=g, dtype=dtype), dim=-1).requires_grad_() if S else None
+    pos_ids = torch.randint(1, N // 3 + 2, (N,), generator=g)            # many accidental hits
+    neg_ids = torch.randint(1, N // 3 + 2, (S,), generator=g) if S else None
+    tau = torch.where(torch.rand(N, generator=g) > 0.5, 0.03, 0.05) if two_tau else torch.full((N,), 0.05)
+    log_pop = torch.log_softmax(torch.randn(N // 3 + 2, generator=g, dtype=dtype), 0) if logq else None
+    sub = torch.randperm(N, generator=g)[:sub] if sub else None
+    return q, pos, negs, (pos_ids, neg_ids, tau.to(dtype), log_pop, N // 3 + 1, True, sub)
+
+
+@pytest.mark.parametrize("N,S,d,logq,sub,two_tau", [(60, 7, 8, True, None, False), (300, 1, 16, True, 128, False),
+                                                    (80, 16, 4, False, None, True), (50, 0, 8, True, 20, True)])
+def test_fused_info_nce_is_bit_identical_to_plain_autograd(N, S, d, logq, sub, two_tau):
+    """The fused loss (one buffer, in-place backward) gives the plain autograd form's loss,
+    positive logits and gradients bit for bit, so a seeded run trains the same weights."""
+    out = []
+    for fused in (True, False):
+        q, pos, negs, rest = nce_inputs(N, S, d, logq, sub, two_tau)
+        pos_ids, neg_ids, tau, log_pop, items, in_batch, idx = rest
+        loss, s_pos = objectives.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch, idx,
+                                          fused=fused)
+        w = torch.rand(N, generator=torch.Generator().manual_seed(1))
+        ((loss * w).sum() / w.sum()).backward()
+        out.append([loss.detach(), s_pos.detach(), q.grad, pos.grad] + ([negs.grad] if S else []))
+    for a, b in zip(*out):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_fused_info_nce_gradients_match_finite_differences():
+    q, pos, negs, rest = nce_inputs(12, 3, 4, True, 8, True, dtype=torch.float64)
+    pos_ids, neg_ids, tau, log_pop, items, in_batch, idx = rest
+    assert (pos_ids.unsqueeze(0) == pos_ids.unsqueeze(1)).sum() > len(pos_ids)    # hits are masked too
+    fn = lambda q, pos, negs: objectives.info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop, items, in_batch,
+                                                  idx)[0]
+    assert torch.autograd.gradcheck(fn, (q, pos, negs))
 
 
 def test_logq_hand_computed():
@@ -150,3 +191,13 @@ def test_package_hard_negatives_extend_the_softmax():
         t = torch.tensor(logits, dtype=torch.float64) / 0.5
         want.append(float(torch.logsumexp(t, 0) - t[0]))
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_info_nce_under_cpu_autocast_is_the_plain_form():
+    """Under bf16 autocast (gpu_check's dry run) the loss is the plain autograd form's: the fused
+    buffer is float32 CPU only."""
+    q, pos, negs, rest = nce_inputs(40, 5, 8, True, None, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = objectives.info_nce(q, pos, rest[0], negs, *rest[1:])[0]
+        b = objectives.info_nce(q, pos, rest[0], negs, *rest[1:], fused=False)[0]
+    assert torch.equal(a, b)
