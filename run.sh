@@ -31,7 +31,8 @@ $PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir 
     --prior auto --k_clip 10,10000 --reuse
 
 # semantic ids of the items' multimodal vectors (feature 81), refitted only when indexer.pkl or
-# the vectors changed; without vectors the run trains without them
+# the vectors changed, so that `bash run.sh --use_sid 1` finds them (the demo's validation did not
+# pick them: BENCHMARKS.md, "Cold items"); without vectors main.py is given --use_sid 0
 SID=()
 if ls "${TRAIN_DATA_PATH}"/creative_emb/emb_81_* >/dev/null 2>&1; then
   $PY -u precompute_sid.py --data_dir "${TRAIN_DATA_PATH}" --output_dir "${USER_CACHE_PATH}/sid" --reuse
@@ -40,8 +41,7 @@ else
   SID=(--use_sid 0)
 fi
 
-# configs/demo.toml: the recommended TencentGR-layout configuration (HSTU, time, CTR channels,
-# semantic ids and the cold-item rule)
+# configs/demo.toml: the recommended TencentGR-layout configuration (HSTU, time, CTR channels)
 $PY -u main.py --config configs/demo.toml --ctr_dir "${USER_CACHE_PATH}/ctr" ${SID[@]+"${SID[@]}"} "$@"
 
 if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
