@@ -11,12 +11,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
+# seconds per stage, printed at the end (where the time of a run goes)
+LAST=$SECONDS; TIMES=()
+lap() { TIMES+=("$1 $((SECONDS - LAST)) s"); LAST=$SECONDS; }
 
 if [ -z "${TRAIN_DATA_PATH:-}" ]; then
   DEMO=${DEMO_DIR:-data/demo}
   $PY make_demo_data.py --out "$DEMO"
   export TRAIN_DATA_PATH=$DEMO/train
   export EVAL_DATA_PATH=${EVAL_DATA_PATH:-$DEMO/eval}
+  lap "demo data"
 fi
 RUN=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
 export TRAIN_LOG_PATH=${TRAIN_LOG_PATH:-$RUN/logs}
@@ -29,6 +33,7 @@ export EVAL_RESULT_PATH=${EVAL_RESULT_PATH:-$RUN/result}
 # recomputed only when seq.jsonl changed since the priors were written
 $PY -u precompute_ctr.py --seq_path "${TRAIN_DATA_PATH}/seq.jsonl" --output_dir "${USER_CACHE_PATH}/ctr" \
     --prior auto --k_clip 10,10000 --reuse
+lap "CTR priors"
 
 # semantic ids of the items' multimodal vectors (feature 81), refitted only when indexer.pkl or
 # the vectors changed, so that `bash run.sh --use_sid 1` finds them (the demo's validation did not
@@ -40,14 +45,20 @@ else
   echo "notice: no multimodal vectors of feature 81 in ${TRAIN_DATA_PATH}/creative_emb: training without semantic ids"
   SID=(--use_sid 0)
 fi
+lap "semantic ids"
 
 # configs/demo.toml: the recommended TencentGR-layout configuration (HSTU, time, CTR channels)
 $PY -u main.py --config configs/demo.toml --ctr_dir "${USER_CACHE_PATH}/ctr" ${SID[@]+"${SID[@]}"} "$@"
+lap "training (validation included)"
 
 if [ -n "${EVAL_DATA_PATH:-}" ] && [ -f "$EVAL_DATA_PATH/predict_seq.jsonl" ]; then
   $PY -u infer.py
+  lap "inference"
   if [ -f "$EVAL_DATA_PATH/ground_truth.jsonl" ]; then
     $PY evaluate.py --result "$EVAL_RESULT_PATH/result.json" --ground_truth "$EVAL_DATA_PATH/ground_truth.jsonl" \
         --train_dir "$TRAIN_DATA_PATH" --eval_dir "$EVAL_DATA_PATH"
+    lap "scoring"
   fi
 fi
+printf -v LAPS "%s, " ${TIMES[@]+"${TIMES[@]}"}
+echo "run.sh stages: ${LAPS%, } (total $SECONDS s)"
