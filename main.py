@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     """The command line (docs/FLAGS.md is generated from it)."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[],
-                   help="a TOML config file, or the name of one in configs/ (demo, taac1m, seed, s3rec, movielens); "
+                   help="a TOML config file, or the name of one in configs/ (demo, taac1m, seed, s3rec, movielens, cold); "
                         "repeatable, later files win, flags on the command line win over every file (config.py)")
     p.add_argument("--preset", default=None,
                    help="a config in configs/ by name, applied before any --config: taac1m is the seed solution's "

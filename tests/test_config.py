@@ -163,7 +163,7 @@ def test_bad_config_file_is_one_line(tmp_path, text, expected):
 
 
 def test_unknown_config_name_lists_the_known_ones():
-    with pytest.raises(DataError, match="no such config file .* one of: demo, movielens, s3rec, seed, taac1m"):
+    with pytest.raises(DataError, match="no such config file .* one of: cold, demo, movielens, s3rec, seed, taac1m"):
         M.get_args(["--config", "nosuch"])
 
 
