@@ -22,10 +22,10 @@ import checkpoint as C
 import dataset as D
 import retrieval_torch as R
 from layout import (ArgumentParser, DataError, check_writable, dump_json, finish_publish, own_folder,
-                    publish_files, read_item_feat_dict, run_cli, sweep_temp)
+                    publish_files, run_cli, sweep_temp)
 from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_finite, embed_rows,  # noqa: F401
                         attach_young, embed_users, evaluate_folder, export, history_exclude, holdout_metrics,
-                        pick_indexer, top_k_ids)
+                        pick_indexer, pick_item_features, top_k_ids)
 
 class OutputSet:
     """Output files published together, into a result folder this run owns: claim() takes the
@@ -172,8 +172,7 @@ def load_model(ckpt: str, device: torch.device, verbose: bool = False, info: dic
 def prepare_tables(data_cfg: D.DataConfig, eval_dir: str, train_dir: str, cache_dir: str) -> tuple:
     """Item table, sequence builder and indexer for inference, from the checkpoint's schema."""
     indexer = pick_indexer(eval_dir, train_dir)
-    item_feat_dict = read_item_feat_dict(os.path.join(_artifact_dir("item_feat_dict.json", eval_dir, train_dir),
-                                                        "item_feat_dict.json"))
+    item_feat_dict = pick_item_features(eval_dir, train_dir)
     ctr_dir = D.find_ctr_dir(os.path.join(cache_dir, "ctr"), train_dir and os.path.join(train_dir, "ctr"))
     # counts from the CTR folder, whose priors must be the checkpoint's (data_cfg.ctr_meta)
     item_ctr = D.load_item_ctr(data_cfg, ctr_dir) if data_cfg.use_itemctr else None

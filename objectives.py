@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from layout import CLICK, PAD, DataError, dump_pickle, load_pickle
+from layout import CLICK, PAD, DataError, dump_pickle, file_fingerprint, load_pickle, same_source
 
 
 @dataclass(frozen=True)
@@ -294,18 +294,42 @@ class HardNegativeCache:
     current item tower every `refresh` optimizer steps; after each step the batch's users get
     their top-`k` pool items, excluding every item of their training sequence. Persisted (atomic
     write, restricted unpickler on load) to USER_CACHE_PATH/hard_negative_cache.pkl and reused
-    by the next run. Training only: inference never reads it.
+    by the next run on the same data: the file records the training sequence file it was built
+    from (size and time) and the catalogue size; a cache of other data, or of none recorded, is
+    set aside with a notice and a new one started. Training only: inference never reads it.
     """
 
-    def __init__(self, path: str, k: int, pool: int, refresh: int):
+    def __init__(self, path: str, k: int, pool: int, refresh: int, source: str = None, num_items: int = 0,
+                 say=print):
         self.path, self.k, self.pool, self.refresh = path, k, pool, refresh
+        self.stamp = {"seq": file_fingerprint(source) if source else None, "num_items": int(num_items)}
         self.items = {}
         if os.path.exists(path):
             data = load_pickle(path)
-            if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-                raise DataError(f"{path}: expected a dict user re-id -> list of item re-ids")
-            self.items = data
+            if not isinstance(data, dict) or not isinstance(data.get("items"), dict) \
+                    or not all(isinstance(v, list) for v in data["items"].values()):
+                if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+                    say(f"notice: {path} records no data it was built from (an older cache): starting a new one")
+                    return
+                raise DataError(f"{path}: expected a dict with 'source' and 'items' (user re-id -> list of item re-ids)")
+            if not self._same(data.get("source")):
+                say(f"notice: {path} was built from other data than {source} ({self.num_items_of(data)} items, "
+                    f"now {num_items}, or the sequence file changed): starting a new one")
+                return
+            self.items = data["items"]
         self.pool_rows = self.pool_vecs = None
+
+    @staticmethod
+    def num_items_of(data) -> str:
+        src = data.get("source")
+        return str(src.get("num_items")) if isinstance(src, dict) else "unknown"
+
+    def _same(self, recorded) -> bool:
+        if not isinstance(recorded, dict) or recorded.get("num_items") != self.stamp["num_items"]:
+            return False
+        if self.stamp["seq"] is None:
+            return recorded.get("seq") is None
+        return same_source(recorded.get("seq"), self.stamp["seq"]["path"])
 
     def lookup(self, user_ids: np.ndarray) -> np.ndarray:
         out = np.zeros((len(user_ids), self.k), np.int64)
@@ -337,7 +361,7 @@ class HardNegativeCache:
                 self.items[u] = [int(r) for r in self.pool_rows[idx] if int(r) not in own][:self.k]
 
     def save(self) -> None:
-        dump_pickle(self.items, self.path)
+        dump_pickle({"source": self.stamp, "items": self.items}, self.path)
 
 
 class Negatives:
@@ -346,7 +370,8 @@ class Negatives:
     negatives from a HardNegativeCache (use_hard_neg) refreshed every hard_neg_refresh optimizer
     steps. The training loop calls add() before the forward pass and update() after it."""
 
-    def __init__(self, cfg: ObjectiveConfig, table, num_items: int, device, cache_dir: str):
+    def __init__(self, cfg: ObjectiveConfig, table, num_items: int, device, cache_dir: str, source: str = None,
+                 say=print):
         from dataset_packed import sample_negatives
         self.cfg, self.table, self.num_items, self.device = cfg, table, num_items, device
         self._sample = sample_negatives
@@ -356,7 +381,7 @@ class Negatives:
         self.hard = None
         if cfg.use_hard_neg:
             self.hard = HardNegativeCache(os.path.join(cache_dir, "hard_negative_cache.pkl"), cfg.hard_neg_k,
-                                          cfg.hard_neg_pool, cfg.hard_neg_refresh)
+                                          cfg.hard_neg_pool, cfg.hard_neg_refresh, source, num_items, say)
 
     def add(self, batch: dict) -> None:
         """Put this batch's negatives into `batch` (prefixes neg_ and hard_)."""

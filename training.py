@@ -256,7 +256,7 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
               valid_dir, holdout)
     if not with_model:
         return s
-    s.negatives = Negatives(obj, table, data_cfg.num_items, device, paths["cache"])
+    s.negatives = Negatives(obj, table, data_cfg.num_items, device, paths["cache"], seq_path, say)
     s.model, s.trainer, s.opt, s.sched = build_model(cfg, budget, log_pop, click_rate, device, world, s.lr_scale, say)
     s.trained = D.trained_items(counts, seq_path, offsets, cut)
     if data_cfg.new_item_events > 0:

@@ -15,7 +15,7 @@ import torch
 import dataset as D
 import dataset_packed as P
 import retrieval_torch as R
-from layout import DataError, load_pickle, worker_signals
+from layout import DataError, load_pickle, read_item_feat_dict, worker_signals
 
 # Seconds a DataLoader worker may take to deliver one batch of user sequences before the run
 # stops (a hung worker would otherwise wait forever); far above a real batch's time.
@@ -72,6 +72,32 @@ def pick_indexer(eval_dir: str, train_dir: str) -> dict:
           + f" to other re-ids than {other}; using the training folder's: the checkpoint's rows follow it",
           file=sys.stderr, flush=True)
     return tr
+
+
+def pick_item_features(eval_dir: str, train_dir: str) -> dict:
+    """Item features for scoring: the training folder's, updated by the eval folder's where the
+    eval one gives an item features (the harness may ship new creatives and current values). An
+    item the eval file lists without features (null or {}) keeps its training features, with a
+    notice counting them: a feature-less eval file must not strip the candidates' features."""
+    paths = [os.path.join(d, "item_feat_dict.json") for d in (train_dir, eval_dir) if d]
+    paths = [p for i, p in enumerate(paths) if os.path.exists(p) and p not in paths[:i]]
+    if not paths:
+        _artifact_dir("item_feat_dict.json", eval_dir, train_dir)
+    if len(paths) == 1:
+        return read_item_feat_dict(paths[0])
+    feats, ev = read_item_feat_dict(paths[0]), read_item_feat_dict(paths[1])
+    kept = 0
+    for k, fd in ev.items():
+        if fd:
+            feats[k] = fd
+        elif feats.get(k):
+            kept += 1
+        else:
+            feats[k] = fd
+    if kept:
+        print(f"notice: {paths[1]} lists {kept} item(s) without features that {paths[0]} describes; "
+              f"they keep the training features", file=sys.stderr, flush=True)
+    return feats
 
 
 def autocast(device: torch.device):

@@ -644,3 +644,44 @@ def test_millisecond_timestamps_are_refused(data, tmp_path):
     assert str(e.value) == (f"{seq}:1: timestamp {newest} is after the year 5000 as Unix seconds: milliseconds? "
                             f"expected Unix seconds like the training data (divide by 1000)")
     ds[1]                                              # seconds, as before
+
+
+def test_hard_negative_cache_of_other_data_is_set_aside(tmp_path):
+    import objectives as O
+    seq, other, path = tmp_path / "seq.jsonl", tmp_path / "other.jsonl", tmp_path / "hn.pkl"
+    put(seq, "[[1, 2, null, null, 1, 1700000000]]\n")
+    put(other, "[[1, 3, null, null, 1, 1700000000], [1, 4, null, null, 0, 1700000001]]\n")
+    said = []
+    first = O.HardNegativeCache(str(path), 2, 10, 5, str(seq), 80, said.append)
+    first.items = {7: [3, 4]}
+    first.save()
+    assert O.HardNegativeCache(str(path), 2, 10, 5, str(seq), 80, said.append).items == {7: [3, 4]} and said == []
+    for source, n in ((other, 80), (seq, 81)):
+        assert O.HardNegativeCache(str(path), 2, 10, 5, str(source), n, said.append).items == {}
+        assert said.pop() == (f"notice: {path} was built from other data than {source} (80 items, now {n}, or the "
+                              f"sequence file changed): starting a new one")
+    L.dump_pickle({7: [3, 4]}, path)            # the earlier format: no record of its data
+    assert O.HardNegativeCache(str(path), 2, 10, 5, str(seq), 80, said.append).items == {}
+    assert said == [f"notice: {path} records no data it was built from (an older cache): starting a new one"]
+
+
+def test_an_eval_item_file_without_features_does_not_strip_the_candidates(tmp_path, capsys):
+    import validation as V
+    train, ev = tmp_path / "train", tmp_path / "eval"
+    put(train / "item_feat_dict.json", json.dumps({"1": {"100": 5}, "2": {"100": 6}, "3": {"100": 7}}))
+    put(ev / "item_feat_dict.json", json.dumps({"1": {}, "2": None, "3": {"100": 9}, "4": {"100": 1}, "5": None}))
+    assert V.pick_item_features(str(ev), str(train)) == {"1": {"100": 5}, "2": {"100": 6}, "3": {"100": 9},
+                                                         "4": {"100": 1}, "5": None}
+    assert capsys.readouterr().err == (f"notice: {ev / 'item_feat_dict.json'} lists 2 item(s) without features that "
+                                       f"{train / 'item_feat_dict.json'} describes; they keep the training features\n")
+    (ev / "item_feat_dict.json").unlink()
+    assert V.pick_item_features(str(ev), str(train)) == {"1": {"100": 5}, "2": {"100": 6}, "3": {"100": 7}}
+
+
+def test_infer_never_reads_the_harness_command_line(trained, data, tmp_path, monkeypatch):
+    import infer
+    for k, v in env_for(data, tmp_path, MODEL_OUTPUT_PATH=str(trained[1])).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["harness.py", "-h", "--top_k", "100", "--top", "100"])
+    top, users = infer.infer(argv=["--num_workers", "0"])
+    assert len(users) == 10 and all(len(t) == 10 for t in top)

@@ -148,7 +148,9 @@ def test_hard_negative_cache_persisted_reused_and_never_a_positive(demo):
     cmd = [PY, "main.py", "--num_epochs", "1", "--use_hard_neg", "--hard_neg_k", "4", "--hard_neg_refresh", "2",
            "--use_rankloss", "--rank_pkg_as_neg", *TINY]
     assert "new cache" in run(cmd, e).stdout
-    cache = L.load_pickle(d / "hn_cache/hard_negative_cache.pkl")
+    saved = L.load_pickle(d / "hn_cache/hard_negative_cache.pkl")
+    assert saved["source"]["seq"]["path"] == str(d / "data/train/seq.jsonl")
+    cache = saved["items"]
     assert len(cache) > 50 and all(len(v) == 4 for v in cache.values())
     for line in open(d / "data/train/seq.jsonl"):
         recs = json.loads(line)
