@@ -573,9 +573,11 @@ class SequenceBuilder:
             tgt = np.arange(lo, lo + k + 1) if n else np.zeros(0, np.int64)
             s["pos_row"] = np.zeros(T, np.int64)
             s["pos_action"] = np.zeros(T, np.int64)
+            s["pos_ts"] = np.zeros(T, np.int64)
             if n:
                 s["pos_row"][start:] = items[tgt]
                 s["pos_action"][start:] = acts[tgt] + 1
+                s["pos_ts"][start:] = ts[tgt]
             if young:
                 s["pos_young"] = np.zeros(T, bool)
                 if n:
@@ -695,12 +697,15 @@ def trained_items(counts: np.ndarray, seq_path: str, offsets: list, cut: dict) -
 NEVER = np.iinfo(np.int64).max
 
 
-def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int, chunk: int = 1 << 20) -> np.ndarray:
+def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int, chunk: int = 1 << 20,
+                with_end: bool = False):
     """int64 [num_items + 1]: the timestamp of each item's (n+1)-th event in the training
     sequences (events of held-out slices excluded, see holdout_last_clicks), NEVER when it has at
     most n. An event of the item strictly before that time is one of its first n: the item is
-    new then (SequenceBuilder marks it young). One streamed pass; per item at most n + 1
+    new then (SequenceBuilder marks it young). n = 0: each item's first event. with_end: also
+    the newest item event's timestamp (0 without any). One streamed pass; per item at most n + 1
     timestamps are kept, merged chunk by chunk."""
+    end = 0
     lines = LineReader(seq_path, offsets)
     keep_i, keep_t = np.zeros(0, np.int64), np.zeros(0, np.int64)
     buf_i, buf_t = [], []
@@ -725,6 +730,7 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
             if type(item) is int and 0 < item <= num_items:
                 buf_i.append(item)
                 buf_t.append(ts)
+                end = max(end, ts)
         if len(buf_i) >= chunk:
             keep_i, keep_t = merge(keep_i, keep_t)
     keep_i, keep_t = merge(keep_i, keep_t)
@@ -732,7 +738,7 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
     start = np.searchsorted(keep_i, keep_i, side="left")
     last = (np.arange(len(keep_i)) - start) == n
     out[keep_i[last]] = keep_t[last]
-    return out
+    return (out, end) if with_end else out
 
 
 def dataset_has_timestamps(data_dir: str) -> bool:

@@ -138,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--cold_ids", choices=["mask", "keep"], default="mask",
                    help="items without a training event: mask = scored through id row 0, by their features alone, "
                         "in training and at inference; keep = their own (untrained) id rows")
+    flag("--item_age", False, "a learned score bias by item age (log2 days since the item's first training event, "
+         "at the newest one; a cold item counts as newest); in training an item first seen after a request is no "
+         "negative for it. Off without real timestamps")
     g.add_argument("--item_id_dropout", type=float, default=0.0,
                    help="drop item id rows with this rate at every training step, so the features alone learn to "
                         "carry an item, as they must for cold items")

@@ -5,7 +5,9 @@ features, multimodal vectors and item CTR through one feature tower (the same fu
 history items, training targets, negatives and inference candidates); event-level inputs (action,
 hour/weekday/week, gap to the previous event, running user CTR) are added to the token. The
 encoder output at each position, optionally told which action to predict next, is the query for
-the next item; retrieval is by cosine similarity.
+the next item; retrieval is by cosine similarity. With item_age, a learned bias by the item's age
+(time since its first training event, measured at the newest one) joins the score as one more
+vector coordinate: popularity in ad and news logs decays with age, and a cold item is the newest.
 
 Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
@@ -28,6 +30,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from layout import CLICK, ITEM_TOKEN, PAD, TIME_VOCAB, USER_TOKEN, DataConfig
+
+# item_age: under a day, then one bucket per doubling of days (the last: 2^14 days and older)
+AGE_BUCKETS = 16
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class ModelConfig:
     rope_theta: float = 10000.0       # RoPE base
     rope_dim: int = 0                 # RoPE on the first rope_dim dims of each head (0 = all)
     cold_ids: str = "mask"            # mask: items without a training event use id row 0 (features only); keep
+    item_age: bool = False            # a learned score bias by item age (time since its first training event)
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed, removed and moved fields
@@ -409,6 +415,12 @@ class GenerativeRecommender(nn.Module):
             # training and at inference alike: an id row that never got a gradient is noise.
             self.register_buffer("item_trained", torch.ones(data.num_items + 1, dtype=torch.bool))
             self.register_buffer("item_young_until", torch.zeros(data.num_items + 1, dtype=torch.long))
+        if cfg.item_age:
+            # Set by the trainer, saved with the weights: each item's first training event (-1: none)
+            # and the newest training event, the time ages are measured at (see age_bucket).
+            self.register_buffer("item_first_seen", torch.full((data.num_items + 1,), -1, dtype=torch.long))
+            self.register_buffer("age_ref", torch.zeros((), dtype=torch.long))
+            self.age_bias = nn.Parameter(torch.zeros(AGE_BUCKETS))
         self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
@@ -453,6 +465,67 @@ class GenerativeRecommender(nn.Module):
             self.item_trained.copy_(trained.to(self.item_trained.device))
             if young_until is not None:
                 self.item_young_until.copy_(young_until.to(self.item_young_until.device))
+
+    def set_first_seen(self, first_seen: torch.Tensor, ref: int) -> None:
+        """first_seen: long [num_items + 1], each item's first training event (-1: none); ref:
+        the newest training event (Unix seconds)."""
+        if self.cfg.item_age:
+            self.item_first_seen.copy_(first_seen.to(self.item_first_seen.device))
+            self.age_ref.fill_(int(ref))
+
+    def _first(self, ids: torch.Tensor) -> tuple:
+        """(first training event of item ids, whether the id has one)."""
+        n = len(self.item_first_seen)
+        first = self.item_first_seen[ids.clamp(0, n - 1)]
+        return first, (ids > 0) & (ids < n) & (first >= 0)
+
+    @staticmethod
+    def age_bucket_of(age: torch.Tensor) -> torch.Tensor:
+        """Bucket of ages in seconds: 0 under a day, then one per doubling of days, at most
+        AGE_BUCKETS - 1."""
+        days = age.clamp(min=0).float() / 86400.0
+        return (torch.log2(days.clamp(min=1.0)).floor().long() + (days >= 1).long()).clamp(max=AGE_BUCKETS - 1)
+
+    def age_bucket(self, ids: torch.Tensor) -> torch.Tensor:
+        """Age bucket of item ids (any shape) at the newest training event (age_ref), as inference
+        scores them. An id without a training event (a cold candidate, id -1 or beyond the table)
+        has age 0: an item the training data never showed arrived after it."""
+        first, known = self._first(ids)
+        return self.age_bucket_of((self.age_ref - first).masked_fill(~known, 0))
+
+    def pair_bias(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """Age bias of item ids at request times ts [N], as training scores them: ids [M] -> [N, M]
+        (every request against every candidate), ids [N, K] -> [N, K] (each request its own)."""
+        first, known = self._first(ids)
+        age = (ts.unsqueeze(1) - first).masked_fill(~known, 0)
+        return F.embedding(self.age_bucket_of(age), self.age_bias.unsqueeze(1)).squeeze(-1)
+
+    def available(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """bool [N, M]: item ids [M] existed at request times ts [N] (first seen at or before it). An
+        item that training never shows is unavailable to every training request."""
+        first, known = self._first(ids)
+        first = first.masked_fill(~known, torch.iinfo(torch.long).max)
+        return first.unsqueeze(0) <= ts.unsqueeze(1)
+
+    def score_items(self, v: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors as inference scores them (see normalize), with item_age one more
+        coordinate: the item's age bias at age_ref, which the query's constant last coordinate adds
+        to every score. So the bias is part of the vectors every retrieval backend ranks by.
+        Training adds each pair's bias at its request time instead (pair_bias)."""
+        v = self.normalize(v)
+        if not self.cfg.item_age:
+            return v
+        return torch.cat([v, self.age_bias[self.age_bucket(ids)].unsqueeze(-1).to(v.dtype)], -1)   # [..., d + 1]
+
+    def score_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Query vectors as inference scores them: normalised, with item_age a last coordinate of 1."""
+        q = self.normalize(q)
+        return torch.cat([q, torch.ones_like(q[..., :1])], -1) if self.cfg.item_age else q
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of the vectors retrieval ranks (user_vectors, item_vectors)."""
+        return self.cfg.hidden_units + int(self.cfg.item_age)
 
     @staticmethod
     def _sub(batch, prefix):
@@ -545,8 +618,8 @@ class GenerativeRecommender(nn.Module):
         """The query of each user's newest position, asking for a click next (as scored: see normalize)."""
         h = self.encode(batch)[:, -1]
         nxt = torch.full(h.shape[:1], CLICK, dtype=torch.long, device=h.device)
-        return self.normalize(self.query(h, nxt))
+        return self.score_queries(self.query(h, nxt))
 
     @torch.no_grad()
     def item_vectors(self, batch: dict, prefix: str = "cand_") -> torch.Tensor:
-        return self.normalize(self.embed_items(batch, prefix))
+        return self.score_items(self.embed_items(batch, prefix), batch[prefix + "id"])

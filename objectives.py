@@ -72,14 +72,20 @@ class _InfoNCE(torch.autograd.Function):
     buffer and forms the two matrix products as autograd's mm backward does."""
 
     @staticmethod
-    def forward(ctx, q, cand, pos_logit, hit, tau, le_pos, le_cand):
+    def forward(ctx, q, cand, pos_logit, hit, tau, le_pos, le_cand, dense=False, cand_bias=None):
         N, M = hit.shape
         logits = q.new_empty(N, 1 + M)
         logits[:, 0] = pos_logit
         torch.mm(q, cand.T, out=logits[:, 1:])
-        hit = hit.nonzero(as_tuple=True)           # accidental hits are few: index them, not a pass
-        hit = (hit[0], hit[1] + 1)
-        logits.index_put_(hit, logits.new_tensor(float("-inf")))
+        if cand_bias is not None:
+            logits[:, 1:].add_(cand_bias)
+        if dense:                                   # hits and unavailable items: a mask pass
+            logits[:, 1:].masked_fill_(hit, float("-inf"))
+            hit = (hit,)
+        else:
+            hit = hit.nonzero(as_tuple=True)       # accidental hits are few: index them, not a pass
+            hit = (hit[0], hit[1] + 1)
+            logits.index_put_(hit, logits.new_tensor(float("-inf")))
         logits.div_(tau.unsqueeze(1))
         if le_pos is not None:
             logits[:, 0].sub_(le_pos)
@@ -91,20 +97,24 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, cand, hit_rows, hit_cols, tau, logits, lse = ctx.saved_tensors
+        q, cand, *hit, tau, logits, lse = ctx.saved_tensors
         grad = (logits - lse.unsqueeze(1)).exp_().mul_(g.unsqueeze(1))     # d lse: exp(logit - lse) * g
         grad[:, 0].sub_(g)                                                 # d (-positive logit)
         grad.div_(tau.unsqueeze(1))
-        grad.index_put_((hit_rows, hit_cols), grad.new_tensor(0.0))      # masked_fill's +0 at the hits
+        if len(hit) == 1:
+            grad[:, 1:].masked_fill_(hit[0], 0.0)
+        else:
+            grad.index_put_(tuple(hit), grad.new_tensor(0.0))            # masked_fill's +0 at the hits
         grad_neg = grad[:, 1:]
         # mm's backward for q @ cand.T (q row-major, cand.T column-major), as autograd forms it
         grad_q = grad_neg.mm(cand) if ctx.needs_input_grad[0] else None
         grad_cand = grad_neg.t().mm(q) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_cand, grad[:, 0], None, None, None, None
+        grad_bias = grad_neg if ctx.needs_input_grad[8] else None
+        return grad_q, grad_cand, grad[:, 0], None, None, None, None, None, grad_bias
 
 
 def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_batch=True, in_batch_idx=None,
-             row_negs=None, row_neg_ids=None, fused=True):
+             row_negs=None, row_neg_ids=None, fused=True, available=None, bias=None, pos_bias=None):
     """Per-target InfoNCE on L2-normalised vectors -> (loss [N], positive logit [N]).
 
     Candidates: the positive, the other targets of the batch (in_batch; in_batch_idx picks a
@@ -117,10 +127,17 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     S / num_items for uniform samples (sampled softmax, Yi et al. 2019); without it popular
     items are over-penalised.
 
+    available (item ids [M] -> bool [N, M]): the candidates each target's request could have been
+    shown; the rest are masked like hits (item_age: an item first seen after the request).
+    bias (item ids [M] -> [N, M], or [N, K] -> [N, K]) and pos_bias [N]: added to each dot product
+    before the temperature (item_age: the item's age bias at the request's time).
+
     fused (CPU, no autocast, no row_negs): the same numbers through _InfoNCE's single buffer;
     False: the plain autograd form.
     """
     pos_logit = (q * pos).sum(-1)                                      # [N]
+    if pos_bias is not None:
+        pos_logit = pos_logit + pos_bias
     cols, ids = [], []
     if in_batch:
         sel = slice(None) if in_batch_idx is None else in_batch_idx
@@ -135,6 +152,8 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     cand_ids = torch.cat(ids) if ids else pos_ids.new_zeros(0)
     n_in = len(ids[0]) if in_batch else 0
     hit = cand_ids.unsqueeze(0) == pos_ids.unsqueeze(1)                # [N, M]
+    if available is not None:
+        hit |= ~available(cand_ids)
 
     def log_expected(i):
         e = torch.zeros(i.shape, device=q.device)
@@ -145,13 +164,19 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
         return e.log()
     le_pos, le_cand = (log_expected(pos_ids), log_expected(cand_ids)) if log_pop is not None else (None, None)
     if row_negs is None and fused and q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-        return _InfoNCE.apply(q, cand, pos_logit, hit, tau, le_pos, le_cand), pos_logit
-    neg_logit = (q @ cand.T).masked_fill(hit, float("-inf"))
+        return _InfoNCE.apply(q, cand, pos_logit, hit, tau, le_pos, le_cand, available is not None,
+                              None if bias is None else bias(cand_ids)), pos_logit
+    neg_logit = q @ cand.T
+    if bias is not None:
+        neg_logit = neg_logit + bias(cand_ids)
+    neg_logit = neg_logit.masked_fill(hit, float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], 1) / tau.unsqueeze(1)   # [N, 1 + M]
     if log_pop is not None:
         logits = logits - torch.cat([le_pos.unsqueeze(1), le_cand.unsqueeze(0).expand(len(q), -1)], 1)
     if row_negs is not None:
         hard = (q.unsqueeze(1) * row_negs).sum(-1)                      # [N, K]
+        if bias is not None:
+            hard = hard + bias(row_neg_ids)
         hard = hard.masked_fill((row_neg_ids == 0) | (row_neg_ids == pos_ids.unsqueeze(1)), float("-inf"))
         logits = torch.cat([logits, hard / tau.unsqueeze(1)], 1)
     return torch.logsumexp(logits, 1) - logits[:, 0], pos_logit
@@ -248,6 +273,16 @@ class Trainer(torch.nn.Module):
             sub = torch.randperm(len(pos_ids), device=pos_ids.device)[:c.in_batch_max]
         qn = m.normalize(q)
         posn = None if fast else m.normalize(pos)
+        bias = pos_bias = avail = None
+        if m.cfg.item_age:
+            pos_ts = batch["pos_ts"][valid]
+
+            def bias(ids):
+                return m.pair_bias(ids, pos_ts)
+
+            def avail(ids):
+                return m.available(ids, pos_ts)
+            pos_bias = bias(pos_ids.unsqueeze(1)).squeeze(1)
         pkg = pkg_ids = None
         hard, hard_ids = [], []
         if "pkg_row" in batch:
@@ -263,14 +298,19 @@ class Trainer(torch.nn.Module):
             hard_ids.append(batch["hard_row"][user_of])
         if fast:
             # 1/tau folded into the queries: one pass less over the [N, num_items] matrix
-            logits = (qn / tau.unsqueeze(1)) @ m.normalize(negs).T                  # [N, num_items]
+            if bias is None:
+                logits = (qn / tau.unsqueeze(1)) @ m.normalize(negs).T              # [N, num_items]
+            else:
+                logits = (qn @ m.normalize(negs).T + bias(batch["neg_row"])) / tau.unsqueeze(1)
+                logits = logits.masked_fill(~avail(batch["neg_row"]), float("-inf"))
             loss = F.cross_entropy(logits, pos_ids - 1, reduction="none")
             s_pos = logits.gather(1, (pos_ids - 1).unsqueeze(1)).squeeze(1) * tau
         else:
             loss, s_pos = info_nce(qn, posn, pos_ids, None if negs is None else m.normalize(negs),
                                    batch.get("neg_row"), tau, self.log_pop if c.logq and not c.full_softmax else None,
                                    self.num_items, c.in_batch_neg and not c.full_softmax, sub,
-                                   torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None)
+                                   torch.cat(hard, 1) if hard else None, torch.cat(hard_ids, 1) if hard else None,
+                                   available=avail, bias=bias, pos_bias=pos_bias)
         w = nce_weights(c.nce_weight_scheme, pos_act, loss, c.click_weight, c.focal_gamma, self.click_rate,
                         c.expo_weight, c.weight_cap)
         parts = {"nce": (loss * w).sum() / w.sum().clamp(min=1e-9)}
@@ -278,12 +318,14 @@ class Trainer(torch.nn.Module):
             # an accidental hit (package item == target) is masked, not ranked below itself
             grade = batch["pkg_grade"][valid] * (pkg_ids != pos_ids.unsqueeze(1))
             s_pkg = (qn.unsqueeze(1) * pkg).sum(-1)                                            # [N, 5]
+            if bias is not None:
+                s_pkg = s_pkg + bias(batch["pkg_row"][valid])
             rt = tau if c.rankloss_tau <= 0 or not cosine else torch.full_like(tau, c.rankloss_tau)
             parts["rank"] = rank_loss(s_pos / rt, s_pkg / rt.unsqueeze(1), grade, c.rankloss_mode,
                                       c.rank_level_weights)
         total = sum(self.weights[name] * value for name, value in parts.items())
         nxt = torch.full_like(batch["user_id"], CLICK) if m.cfg.action_cond else None
-        last = m.normalize(m.query(h[:, -1], nxt).detach())                                  # [B, d]
+        last = m.score_queries(m.query(h[:, -1], nxt).detach())                              # [B, d]
         return total, parts, last
 
 

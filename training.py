@@ -232,6 +232,9 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
         loop.skip_bad_records, rank_packages=obj.use_rankloss or obj.rank_pkg_as_neg, keep_items=obj.use_hard_neg,
         sid_dir=sid_dir)
     cfg = dataclasses.replace(cfg, data=data_cfg)
+    if cfg.model.item_age and not D.dataset_has_timestamps(paths["data"]):
+        say("notice: this dataset has no real timestamps; the item-age bias switched off")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_age=False))
     counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items,
                                        loop.skip_bad_records)
     table.set_popularity(counts, head_min)
@@ -265,6 +268,9 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
         s.model.set_trained_items(torch.from_numpy(until < D.NEVER), torch.from_numpy(until))
     else:
         s.model.set_trained_items(torch.from_numpy(s.trained))
+    if cfg.model.item_age:
+        first, end = D.young_until(seq_path, offsets, cut, data_cfg.num_items, 0, with_end=True)
+        s.model.set_first_seen(torch.from_numpy(np.where(first < D.NEVER, first, -1)), end)
     return s
 
 

@@ -115,7 +115,7 @@ def attach_young(model, table: D.ItemTable) -> None:
 
 def embed_rows(model, table: D.ItemTable, rows: np.ndarray, device, chunk: int = 4096) -> np.ndarray:
     """Item vectors [N, d] of item-table rows, as scored, written into one preallocated array."""
-    out, n = np.empty((len(rows), model.cfg.hidden_units), np.float32), 0
+    out, n = np.empty((len(rows), model.vector_dim), np.float32), 0
     for b in torch.utils.data.DataLoader(P.CandidateDataset(rows, table, chunk), batch_size=None):
         with autocast(device):
             v = model.item_vectors({k: v.to(device) for k, v in b.items()}).float().cpu().numpy()
@@ -147,7 +147,7 @@ def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, nu
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=P.PackedCollate(table), worker_init_fn=_worker_init,
                                          timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
-    queries, n, extras = np.empty((len(ds), model.cfg.hidden_units), np.float32), 0, {}
+    queries, n, extras = np.empty((len(ds), model.vector_dim), np.float32), 0, {}
     for b in _no_hang(loader, num_workers):
         for k in [k for k in b if k.startswith("_")]:
             v = b.pop(k)

@@ -7,7 +7,8 @@ Rows, each added to the one before: `id only` (the plain id row: a cold item is 
 content` (the item tower adds features and multimodal / content vectors, cold ids keep their
 untrained rows), `+ semantic ids` (precompute_sid.py's codes join the features), `+ cold rule`
 (configs/cold.toml's rule: cold ids masked to row 0, item ids dropped in training so the features
-learn to carry an item alone). Every run is the product's own commands: precompute_ctr.py /
+learn to carry an item alone); `content + item age` is `+ content` with the item-age bias (a
+cold item counts as the newest). Every run is the product's own commands: precompute_ctr.py /
 precompute_sid.py, main.py (the base config, its validation picks the checkpoint), infer.py,
 then evaluate.py --train_dir, whose cold/warm split (cold: no event in train/seq.jsonl) is
 reported. --data is a demo folder (train/, eval/: validation held out of the training users,
@@ -32,6 +33,8 @@ ROWS = {
     "+ content": ["--item_tower", "add", "--cold_ids", "keep", "--use_sid", "0", "--item_id_dropout", "0"],
     "+ semantic ids": ["--item_tower", "add", "--cold_ids", "keep", "--use_sid", "1", "--item_id_dropout", "0"],
     "+ cold rule": ["--item_tower", "add", "--config", "cold"],
+    "content + item age": ["--item_tower", "add", "--cold_ids", "keep", "--use_sid", "0", "--item_id_dropout", "0",
+                           "--item_age", "1"],
 }
 COLS = [("Score", "Score"), ("HR@10", "HR@10"), ("cold HR@10", ("cold", "HR@10")), ("warm HR@10", ("warm", "HR@10")),
         ("cold NDCG@10", ("cold", "NDCG@10")), ("warm NDCG@10", ("warm", "NDCG@10")),

@@ -1,0 +1,184 @@
+"""The item-age bias (--item_age): buckets against hand-computed ages, the score the folded vectors
+give against q.v + bias by hand, the availability mask against a naive loop, InfoNCE with
+unavailable candidates against a naive loop (fused and plain forms alike), the first-seen pass
+against a sort, and a tiny train -> infer run that rebuilds the bias from the checkpoint."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import dataset as D  # noqa: E402
+import layout  # noqa: E402
+import model as M  # noqa: E402
+import objectives  # noqa: E402
+from test_cold import write_seq  # noqa: E402
+
+DAY = 86400
+REF = 1_700_000_000
+
+
+def tiny_model(num_items=8, **kw):
+    data = layout.DataConfig(maxlen=4, num_users=3, num_items=num_items, mm_emb_id=[], use_timefeat=False)
+    torch.manual_seed(0)
+    return M.GenerativeRecommender(M.ModelConfig(hidden_units=8, num_blocks=1, feat_dim=4, item_age=True, **kw), data)
+
+
+def naive_bucket(first, item, ref=REF, n=8):
+    """Bucket by hand: 0 under a day (or no training event), else 1 + floor(log2(days)), at most 15."""
+    if not 0 < item <= n or first[item] < 0:
+        return 0
+    days = (ref - first[item]) / DAY
+    return 0 if days < 1 else min(15, 1 + int(math.floor(math.log2(days))))
+
+
+def test_age_buckets_hand_computed():
+    m = tiny_model()
+    first = [-1, REF, REF - DAY // 2, REF - DAY, REF - 3 * DAY, REF - 4 * DAY, -1, REF - 19_000 * DAY, REF - 7 * DAY]
+    m.set_first_seen(torch.tensor(first), REF)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [-1, 0, 9, 3]])
+    want = [[naive_bucket(first, int(i)) for i in row] for row in ids]
+    assert want == [[0, 0, 1, 2], [3, 0, 15, 3], [0, 0, 0, 1]]
+    assert m.age_bucket(ids).tolist() == want
+
+
+def test_folded_vectors_score_dot_plus_bias():
+    """user_vectors . item_vectors = normalize(q) . normalize(v) + age_bias[bucket]: the bias rides
+    in the vectors every retrieval backend ranks."""
+    m = tiny_model()
+    first = [-1, REF, REF - 2 * DAY, REF - 40 * DAY, -1, REF - DAY, REF, REF, REF]
+    m.set_first_seen(torch.tensor(first), REF)
+    with torch.no_grad():
+        m.age_bias.copy_(torch.linspace(-1, 1, M.AGE_BUCKETS))
+    q, v = torch.randn(3, 8), torch.randn(5, 8)
+    ids = torch.tensor([1, 2, 3, 4, -1])
+    with torch.no_grad():
+        got = m.score_queries(q) @ m.score_items(v, ids).T
+    for a in range(3):
+        for b in range(5):
+            bias = m.age_bias[naive_bucket(first, int(ids[b]))].item()
+            want = float(F.normalize(q[a], dim=0) @ F.normalize(v[b], dim=0)) + bias
+            assert abs(float(got[a, b]) - want) < 1e-5
+    assert m.vector_dim == 9
+
+
+def test_pair_bias_is_the_bucket_of_each_request_age():
+    m = tiny_model()
+    first = [-1, 100, 100 - DAY, 100 - 5 * DAY, -1, 100 - 70 * DAY, 100, 100, 100]
+    m.set_first_seen(torch.tensor(first), 100)
+    with torch.no_grad():
+        m.age_bias.copy_(torch.arange(M.AGE_BUCKETS, dtype=torch.float32))
+    ts = torch.tensor([100, 100 + 2 * DAY, 100 + 40 * DAY])
+    ids = torch.tensor([1, 2, 3, 4, 5, -1])
+    got = m.pair_bias(ids, ts)
+    for n, t in enumerate(ts.tolist()):
+        for j, i in enumerate(ids.tolist()):
+            assert int(got[n, j]) == naive_bucket(first, i, ref=t), (n, j)
+    assert m.pair_bias(ids.view(2, 3)[:1].expand(3, 3), ts).tolist() == got[:, :3].tolist()
+
+
+def test_available_against_a_naive_loop():
+    m = tiny_model()
+    first = [-1, 10, 20, 30, -1, 5, 50, 60, 70]
+    m.set_first_seen(torch.tensor(first), 100)
+    ids, ts = torch.tensor([1, 2, 3, 4, 5, 8, 9, 0]), torch.tensor([5, 20, 65, 100])
+    got = m.available(ids, ts)
+    for n, t in enumerate(ts.tolist()):
+        for j, i in enumerate(ids.tolist()):
+            assert bool(got[n, j]) == (0 < i <= 8 and first[i] >= 0 and first[i] <= t)
+
+
+def naive_nce_available(q, pos, pos_ids, negs, neg_ids, tau, ok, b):
+    """Per target: the positive, then every in-batch and sampled candidate that is no accidental
+    hit and is available to it (ok(n, item)), each dot product plus the pair's bias b(n, item)."""
+    out = []
+    cands = [(pos[j], int(pos_ids[j])) for j in range(len(pos))] + [(negs[j], int(neg_ids[j])) for j in range(len(negs))]
+    for n in range(len(q)):
+        logits = [(float(q[n] @ pos[n]) + b(n, int(pos_ids[n]))) / float(tau[n])]
+        logits += [(float(q[n] @ v) + b(n, item)) / float(tau[n]) for v, item in cands
+                   if item != int(pos_ids[n]) and ok(n, item)]
+        t = torch.tensor(logits, dtype=torch.float64)
+        out.append(float(torch.logsumexp(t, 0) - t[0]))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_info_nce_masks_unavailable_candidates_like_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    N, S, d, items = 12, 6, 4, 9
+    first = torch.randint(0, 50, (items + 1,), generator=g)
+    q = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=-1)
+    pos = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=-1)
+    negs = F.normalize(torch.randn(S, d, generator=g, dtype=torch.float64), dim=-1)
+    pos_ids, neg_ids = torch.randint(1, items + 1, (N,), generator=g), torch.randint(1, items + 1, (S,), generator=g)
+    ts = first[pos_ids] + torch.randint(0, 30, (N,), generator=g)         # a target exists at its request
+    tau = torch.full((N,), 0.1, dtype=torch.float64)
+
+    table = torch.randn(items + 1, 40, generator=g, dtype=torch.float64)   # a bias per (item, time)
+
+    def available(ids):
+        return first[ids].unsqueeze(0) <= ts.unsqueeze(1)
+    want = naive_nce_available(q, pos, pos_ids, negs, neg_ids, tau, lambda n, i: int(first[i]) <= int(ts[n]),
+                               lambda n, i: float(table[i, int(ts[n]) % 40]))
+    assert not available(torch.cat([pos_ids, neg_ids])).all()             # some candidates are masked
+    grads = []
+    for fused in (True, False):
+        qq, pp, nn_, tt = (x.clone().requires_grad_() for x in (q, pos, negs, table))
+
+        def bias(ids):
+            return tt[ids, (ts % 40).unsqueeze(1)]                          # [N, M] or [N, K]
+        got, _ = objectives.info_nce(qq, pp, pos_ids, nn_, neg_ids, tau, None, items, True, None, fused=fused,
+                                     available=available, bias=bias, pos_bias=bias(pos_ids.unsqueeze(1)).squeeze(1))
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+        got.sum().backward()
+        grads.append([qq.grad, pp.grad, nn_.grad, tt.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_first_seen_and_newest_event_against_a_sort(tmp_path):
+    rng = np.random.default_rng(4)
+    rows = []
+    for u in range(1, 30):
+        ts = np.sort(rng.integers(100, 500, int(rng.integers(1, 9))))
+        rows.append([[u, int(i), None, {}, 1, int(t)] for i, t in zip(rng.integers(1, 12, len(ts)), ts)])
+    cut = {2: 1, 7: 3}
+    kept = [rec for line, r in enumerate(rows) for rec in r[:cut.get(line, len(r))]]
+    offsets = write_seq(tmp_path / "seq.jsonl", rows)
+    first, end = D.young_until(str(tmp_path / "seq.jsonl"), offsets, cut, 14, 0, chunk=5, with_end=True)
+    want = [min((r[5] for r in kept if r[1] == i), default=D.NEVER) for i in range(15)]
+    assert first.tolist() == want and end == max(r[5] for r in kept)
+
+
+def test_train_and_infer_with_item_age(tmp_path):
+    """main.py --item_age on a tiny demo world, then infer.py without any flag: the first-seen
+    times, reference time and bias travel in the checkpoint; the vectors carry one more coordinate."""
+    py, env = sys.executable, dict(os.environ)
+    world, cache, run = tmp_path / "w", tmp_path / "cache", tmp_path / "run"
+
+    def sh(*args, **extra):
+        r = subprocess.run([py, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**env, **{k: str(v) for k, v in extra.items()}})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+    sh("make_demo_data.py", "--out", world, "--users", 200, "--items", 300, "--eval_users", 60, "--sanity_users", 0)
+    paths = dict(TRAIN_DATA_PATH=world / "train", USER_CACHE_PATH=cache, TRAIN_CKPT_PATH=run / "ckpt",
+                 TRAIN_LOG_PATH=run / "log", TRAIN_TF_EVENTS_PATH=run / "tb", EVAL_DATA_PATH=world / "eval",
+                 MODEL_OUTPUT_PATH=run / "ckpt", EVAL_RESULT_PATH=run / "res")
+    sh("main.py", "--item_age", "--num_epochs", 2, "--hidden_units", 16, "--num_workers", 0, **paths)
+    sh("infer.py", **paths)
+    ck = torch.load(next((run / "ckpt").glob("global_step*/model.pt")), weights_only=True, map_location="cpu")
+    first, ref = ck["model"]["item_first_seen"], int(ck["model"]["age_ref"])
+    seen = first[first >= 0]
+    assert len(seen) > 100 and int(seen.max()) <= ref and ck["model"]["age_bias"].abs().sum() > 0
+    dim = np.fromfile(run / "res" / "embedding.fbin", dtype=np.int32, count=2)[1]
+    assert dim == 17
+    result = json.loads((run / "res" / "result.json").read_text())
+    assert len(result["top10s"]) == 60 and all(len(t) == 10 for t in result["top10s"])
