@@ -472,6 +472,8 @@ class GenerativeRecommender(nn.Module):
         if self.cfg.item_age:
             self.item_first_seen.copy_(first_seen.to(self.item_first_seen.device))
             self.age_ref.fill_(int(ref))
+            seen = first_seen[first_seen >= 0]
+            self._days = (int(seen.min()) // 86400 if len(seen) else int(ref) // 86400, int(ref) // 86400)
 
     def _first(self, ids: torch.Tensor) -> tuple:
         """(first training event of item ids, whether the id has one)."""
@@ -480,25 +482,33 @@ class GenerativeRecommender(nn.Module):
         return first, (ids > 0) & (ids < n) & (first >= 0)
 
     @staticmethod
-    def age_bucket_of(age: torch.Tensor) -> torch.Tensor:
-        """Bucket of ages in seconds: 0 under a day, then one per doubling of days, at most
-        AGE_BUCKETS - 1."""
-        days = age.clamp(min=0).float() / 86400.0
-        return (torch.log2(days.clamp(min=1.0)).floor().long() + (days >= 1).long()).clamp(max=AGE_BUCKETS - 1)
+    def age_bucket_of(days: torch.Tensor) -> torch.Tensor:
+        """Bucket of ages in whole days (calendar days, UTC): 0 the same day (or a negative age),
+        then one per doubling of days (1, 2-3, 4-7, ...), at most AGE_BUCKETS - 1."""
+        d = days.float().clamp(min=0.5)
+        return (torch.log2(d).floor() + 1).clamp(0, AGE_BUCKETS - 1).long()
 
     def age_bucket(self, ids: torch.Tensor) -> torch.Tensor:
-        """Age bucket of item ids (any shape) at the newest training event (age_ref), as inference
-        scores them. An id without a training event (a cold candidate, id -1 or beyond the table)
-        has age 0: an item the training data never showed arrived after it."""
+        """Age bucket of item ids (any shape) on the day of the newest training event (age_ref),
+        as inference scores them. An id without a training event (a cold candidate, id -1 or
+        beyond the table) has age 0: an item the training data never showed arrived after it."""
         first, known = self._first(ids)
-        return self.age_bucket_of((self.age_ref - first).masked_fill(~known, 0))
+        days = torch.div(self.age_ref, 86400, rounding_mode="floor") - torch.div(first, 86400, rounding_mode="floor")
+        return self.age_bucket_of(days.masked_fill(~known, 0))
 
     def pair_bias(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """Age bias of item ids at request times ts [N], as training scores them: ids [M] -> [N, M]
-        (every request against every candidate), ids [N, K] -> [N, K] (each request its own)."""
+        (every request against every candidate), ids [N, K] -> [N, K] (each request its own). The
+        [N, M] work is one subtraction of day numbers and one lookup in a table of the bias by day
+        difference (the buckets' log2 runs on that table only); an id without a training event
+        counts as first seen on the last day."""
         first, known = self._first(ids)
-        age = (ts.unsqueeze(1) - first).masked_fill(~known, 0)
-        return F.embedding(self.age_bucket_of(age), self.age_bias.unsqueeze(1)).squeeze(-1)
+        lo, hi = self._days
+        day_m = torch.div(first, 86400, rounding_mode="floor").masked_fill(~known, hi).clamp(lo, hi)
+        day_n = torch.div(ts, 86400, rounding_mode="floor").clamp(lo, hi)
+        span = hi - lo
+        table = self.age_bias[self.age_bucket_of(torch.arange(-span, span + 1, device=ts.device))]    # [2 span + 1]
+        return table[day_n.unsqueeze(1) - day_m + span]
 
     def available(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """bool [N, M]: item ids [M] existed at request times ts [N] (first seen at or before it). An

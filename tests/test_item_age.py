@@ -23,7 +23,7 @@ import objectives  # noqa: E402
 from test_cold import write_seq  # noqa: E402
 
 DAY = 86400
-REF = 1_700_000_000
+REF = 19_675 * DAY + DAY // 2        # noon
 
 
 def tiny_model(num_items=8, **kw):
@@ -33,10 +33,11 @@ def tiny_model(num_items=8, **kw):
 
 
 def naive_bucket(first, item, ref=REF, n=8):
-    """Bucket by hand: 0 under a day (or no training event), else 1 + floor(log2(days)), at most 15."""
+    """Bucket by hand: 0 the same calendar day (or no training event), else 1 + floor(log2(days)),
+    at most 15."""
     if not 0 < item <= n or first[item] < 0:
         return 0
-    days = (ref - first[item]) / DAY
+    days = ref // DAY - first[item] // DAY
     return 0 if days < 1 else min(15, 1 + int(math.floor(math.log2(days))))
 
 
@@ -72,11 +73,12 @@ def test_folded_vectors_score_dot_plus_bias():
 
 def test_pair_bias_is_the_bucket_of_each_request_age():
     m = tiny_model()
-    first = [-1, 100, 100 - DAY, 100 - 5 * DAY, -1, 100 - 70 * DAY, 100, 100, 100]
-    m.set_first_seen(torch.tensor(first), 100)
+    t0 = 100 * DAY + 3600
+    first = [-1, t0, t0 - DAY, t0 - 5 * DAY, -1, t0 - 70 * DAY, t0, t0, t0]
+    m.set_first_seen(torch.tensor(first), t0 + 40 * DAY)
     with torch.no_grad():
         m.age_bias.copy_(torch.arange(M.AGE_BUCKETS, dtype=torch.float32))
-    ts = torch.tensor([100, 100 + 2 * DAY, 100 + 40 * DAY])
+    ts = torch.tensor([t0, t0 + 2 * DAY - 7200, t0 + 40 * DAY])
     ids = torch.tensor([1, 2, 3, 4, 5, -1])
     got = m.pair_bias(ids, ts)
     for n, t in enumerate(ts.tolist()):
