@@ -27,6 +27,11 @@ from validation import (WORKER_TIMEOUT_S, DivergedError, _artifact_dir, check_fi
                         attach_young, embed_users, evaluate_folder, export, history_exclude, holdout_metrics,
                         pick_indexer, pick_item_features, top_k_ids)
 
+# A stopped inference (Ctrl-C, a harness's SIGTERM) ends within this many seconds even if its
+# unwinding hangs (layout.stop_deadline); a normal stop takes about the DataLoader's 5 s shutdown.
+STOP_GRACE_S = 20.0
+
+
 class OutputSet:
     """Output files published together, into a result folder this run owns: claim() takes the
     folder (a second inference into it is refused, naming the holder), completes a publish that a
@@ -260,4 +265,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, stop_grace_s=STOP_GRACE_S)

@@ -84,14 +84,45 @@ class DataError(Exception):
         return msg
 
 
-def run_cli(main, exit_codes=None):
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_deadline(grace_s: float) -> None:
+    """Once a stop signal arrives, the process ends within grace_s seconds, whatever the main thread
+    is doing: a watcher thread reads the signal numbers Python's C-level handler writes to its
+    wakeup pipe (even while the main thread sits in a call that holds off Python's handlers) and,
+    if unwinding has not ended the process by then, prints the stop line and exits 128 + N. The
+    next start sweeps what that leaves (staged files, temporary names). For inference, whose
+    harness expects a stopped process to go; training is left to reach its checkpoint."""
+    import threading
+    import time
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch():
+        while True:
+            got = os.read(r, 64)
+            sig = next((b for b in got if b in {int(x) for x in STOP_SIGNALS}), None)
+            if sig is not None:
+                break
+        time.sleep(grace_s)
+        os.write(2, f"stopped by {signal.Signals(sig).name} (forced after {grace_s:g} s of unwinding)\n".encode())
+        os._exit(128 + sig)
+    threading.Thread(target=watch, name="stop-deadline", daemon=True).start()
+
+
+def run_cli(main, exit_codes=None, stop_grace_s=None):
     """A script's entry point: runs main(); a known error (DataError, exit 2, plus any given in
     exit_codes) becomes one "error: ..." line on stderr and that exit code, never a traceback. So
     does an operating-system error (a full disk, a folder that cannot be written): exit 2, naming
     the file. A stop signal (Ctrl-C, SIGTERM, SIGHUP) unwinds the work and ends it with one
-    "stopped by SIG..." line and the shell's code for it, 128 + the signal's number (130, 143)."""
+    "stopped by SIG..." line and the shell's code for it, 128 + the signal's number (130, 143);
+    with stop_grace_s, within that many seconds even if unwinding hangs (stop_deadline)."""
     codes = {DataError: 2, **(exit_codes or {})}
     stop_on_signals()
+    if stop_grace_s is not None:
+        stop_deadline(stop_grace_s)
     try:
         main()
     except (KeyboardInterrupt, Interrupted) as e:

@@ -1390,7 +1390,7 @@ def test_infer_worker_timeout_is_one_line(monkeypatch):
             time.sleep(8)
             return {}
     monkeypatch.setattr(validation, "WORKER_TIMEOUT_S", 1)
-    model = types.SimpleNamespace(cfg=types.SimpleNamespace(hidden_units=4))
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(hidden_units=4), vector_dim=4)
     with pytest.raises(L.DataError) as e:
         validation.embed_users(model, Stuck(), None, torch.device("cpu"), batch_size=1, num_workers=1)
     assert str(e.value) == ("--num_workers 1: no batch from the DataLoader workers in 1 s (a worker hung or is "
