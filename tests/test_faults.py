@@ -417,6 +417,12 @@ layout.run_cli(infer.main, stop_grace_s=infer.STOP_GRACE_S)
 """
 
 
+def _default_stop_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+
+
 def alive(pid):
     """Whether a process exists and is not a zombie."""
     try:
@@ -448,8 +454,10 @@ def test_inference_stopped_by_a_signal(trained, data, tmp_path, sig, group, code
     output published, and its DataLoader worker does not outlive it."""
     e = {**os.environ, **env_for(data, tmp_path, MODEL_OUTPUT_PATH=str(trained[1]))}
     put(tmp_path / "result/result.json", "earlier")
+    # as from a terminal: a test run started in the background (`cmd &` without job control)
+    # ignores SIGINT, and a child inherits an ignored signal, so Ctrl-C would never reach it
     p = subprocess.Popen([PY, "-c", INFER_HELD], cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True, preexec_fn=_default_stop_signals)
     try:
         line = p.stdout.readline()
         while line and not line.endswith(" in a batch\n"):
