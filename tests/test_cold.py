@@ -177,22 +177,29 @@ def test_codebook_refusals(folder, tmp_path):
         D.load_sid_codebook(str(sid2), str(other))
 
 
-def test_train_and_infer_with_semantic_ids(tmp_path):
-    """main.py --use_sid on a tiny demo world, then infer.py without any flag: the codebook and the
-    trained-item mask travel in the checkpoint; the cold candidates get codes."""
-    py, env = sys.executable, dict(os.environ)
-    world, cache, run = tmp_path / "w", tmp_path / "cache", tmp_path / "run"
+def sh(*args, **extra):
+    """Run a repository script; its stdout (fails the test with its output on a non-zero exit)."""
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **{k: str(v) for k, v in extra.items()}})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
 
-    def sh(*args, **extra):
-        r = subprocess.run([py, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env={**env, **{k: str(v) for k, v in extra.items()}})
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        return r.stdout
+
+def tiny_world(tmp_path) -> tuple:
+    """A tiny demo world and the run's environment paths: (world, cache, run, paths)."""
+    world, cache, run = tmp_path / "w", tmp_path / "cache", tmp_path / "run"
     sh("make_demo_data.py", "--out", world, "--users", 200, "--items", 300, "--eval_users", 60, "--sanity_users", 0)
-    sh("precompute_sid.py", "--data_dir", world / "train", "--output_dir", cache / "sid", "--codes", 16)
     paths = dict(TRAIN_DATA_PATH=world / "train", USER_CACHE_PATH=cache, TRAIN_CKPT_PATH=run / "ckpt",
                  TRAIN_LOG_PATH=run / "log", TRAIN_TF_EVENTS_PATH=run / "tb", EVAL_DATA_PATH=world / "eval",
                  MODEL_OUTPUT_PATH=run / "ckpt", EVAL_RESULT_PATH=run / "res")
+    return world, cache, run, paths
+
+
+def test_train_and_infer_with_semantic_ids(tmp_path):
+    """main.py --use_sid on a tiny demo world, then infer.py without any flag: the codebook and the
+    trained-item mask travel in the checkpoint; the cold candidates get codes."""
+    world, cache, run, paths = tiny_world(tmp_path)
+    sh("precompute_sid.py", "--data_dir", world / "train", "--output_dir", cache / "sid", "--codes", 16)
     out = sh("main.py", "--use_sid", "--item_id_dropout", "0.2", "--num_epochs", 1, "--hidden_units", 16,
              "--num_workers", 0, **paths)
     assert "cold_share" in out

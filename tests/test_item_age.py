@@ -4,8 +4,6 @@ unavailable candidates against a naive loop (fused and plain forms alike), the f
 against a sort, and a tiny train -> infer run that rebuilds the bias from the checkpoint."""
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import dataset as D  # noqa: E402
 import layout  # noqa: E402
 import model as M  # noqa: E402
 import objectives  # noqa: E402
-from test_cold import write_seq  # noqa: E402
+from test_cold import sh, tiny_world, write_seq  # noqa: E402
 
 DAY = 86400
 REF = 19_675 * DAY + DAY // 2        # noon
@@ -162,18 +160,7 @@ def test_first_seen_and_newest_event_against_a_sort(tmp_path):
 def test_train_and_infer_with_item_age(tmp_path):
     """main.py --item_age on a tiny demo world, then infer.py without any flag: the first-seen
     times, reference time and bias travel in the checkpoint; the vectors carry one more coordinate."""
-    py, env = sys.executable, dict(os.environ)
-    world, cache, run = tmp_path / "w", tmp_path / "cache", tmp_path / "run"
-
-    def sh(*args, **extra):
-        r = subprocess.run([py, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env={**env, **{k: str(v) for k, v in extra.items()}})
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        return r.stdout
-    sh("make_demo_data.py", "--out", world, "--users", 200, "--items", 300, "--eval_users", 60, "--sanity_users", 0)
-    paths = dict(TRAIN_DATA_PATH=world / "train", USER_CACHE_PATH=cache, TRAIN_CKPT_PATH=run / "ckpt",
-                 TRAIN_LOG_PATH=run / "log", TRAIN_TF_EVENTS_PATH=run / "tb", EVAL_DATA_PATH=world / "eval",
-                 MODEL_OUTPUT_PATH=run / "ckpt", EVAL_RESULT_PATH=run / "res")
+    world, cache, run, paths = tiny_world(tmp_path)
     sh("main.py", "--item_age", "--num_epochs", 2, "--hidden_units", 16, "--num_workers", 0, **paths)
     sh("infer.py", **paths)
     ck = torch.load(next((run / "ckpt").glob("global_step*/model.pt")), weights_only=True, map_location="cpu")
