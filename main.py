@@ -111,13 +111,28 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--norm_type", choices=["rmsnorm", "layernorm"], default="rmsnorm", help="normalisation layer")
     g.add_argument("--hstu_attn", choices=["softmax", "silu"], default="softmax",
                    help="HSTU attention: softmax via SDPA, or the paper's pointwise SiLU / #keys")
+    g.add_argument("--hstu_silu_norm", choices=["visible", "length"], default="visible",
+                   help="SiLU attention weights divided by the keys each query sees (visible), or by the window "
+                        "length, as the published HSTU (length)")
+    flag("--hstu_qk_scale", True, "scale HSTU's q.k by 1/sqrt(dqk) (off: unscaled, as the published HSTU)")
+    g.add_argument("--hstu_dropout", choices=["output", "gate"], default="output",
+                   help="HSTU block dropout after the output projection (output), or on norm(AV) * U before it, "
+                        "as the published HSTU (gate)")
+    g.add_argument("--hstu_init", choices=["torch", "published"], default="torch",
+                   help="HSTU linear layers: PyTorch's default init, or the published one (U/V/Q/K weights "
+                        "N(0, 0.02) with zero bias, output projection Xavier-uniform)")
     flag("--use_rope", False, "rotary position embedding on queries and keys")
     g.add_argument("--rope_theta", type=float, default=10000.0, help="RoPE base")
     g.add_argument("--rope_dim", type=int, default=0,
                    help="RoPE on the first N dims of each head's queries and keys (even; 0 = all of them)")
     flag("--use_rel_bias", False, "learned relative position and time-gap attention biases")
     g.add_argument("--rel_pos_buckets", type=int, default=32, help="relative position buckets")
-    g.add_argument("--rel_time_buckets", type=int, default=32, help="log2 time-gap buckets")
+    g.add_argument("--rel_time_buckets", type=int, default=32, help="log time-gap buckets (see --rel_time_base)")
+    g.add_argument("--rel_time_base", type=float, default=2.0,
+                   help="time-gap bucket = floor(log_base(1 + seconds between the query's and the key's events)); "
+                        "the published HSTU uses about 1.35 with 128 buckets")
+    g.add_argument("--rel_bias_terms", choices=["pos+time", "time", "pos"], default="pos+time",
+                   help="which relative attention biases --use_rel_bias learns")
     flag("--use_abs_pos", True, "learned absolute position embedding (from the window start)")
     flag("--use_senet", False, "squeeze-and-excitation gates over feature blocks (user and item sides)")
     g.add_argument("--senet_reduction", type=int, default=2, help="SENet bottleneck: feature blocks // this")
@@ -250,7 +265,7 @@ _FLOAT_RANGE = {"lr": (0, None, False), "temperature": (0, None, False), "tau_cl
                 "first_epoch_id_item_dropout": (0, 1, True), "item_id_dropout": (0, 1, True),
                 "plateau_factor": (0, 1, False),
                 "rope_theta": (1, None, False), "expo_weight": (0, None, True), "weight_cap": (0, None, True),
-                "rankloss_tau": (0, None, True)}
+                "rankloss_tau": (0, None, True), "rel_time_base": (1, None, False)}
 
 
 def check_args(args) -> None:

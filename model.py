@@ -49,10 +49,16 @@ class ModelConfig:
     norm_first: bool = True
     norm_type: str = "rmsnorm"        # rmsnorm | layernorm
     hstu_attn: str = "softmax"        # softmax | silu
+    hstu_silu_norm: str = "visible"   # silu weights over: visible = the keys each query sees; length = the window (published)
+    hstu_qk_scale: bool = True        # q.k / sqrt(dqk) (off: unscaled, as published)
+    hstu_dropout: str = "output"      # output: after the output projection; gate: on norm(AV) * U before it (published)
+    hstu_init: str = "torch"          # torch: nn.Linear's default; published: U/V/Q/K N(0, 0.02), output Xavier
     use_rope: bool = False
     use_rel_bias: bool = False
     rel_pos_buckets: int = 32
     rel_time_buckets: int = 32
+    rel_time_base: float = 2.0        # time bucket = floor(log_base(1 + gap seconds)); the published HSTU: ~1.35
+    rel_bias_terms: str = "pos+time"  # pos+time | time | pos: which relative biases use_rel_bias learns
     use_abs_pos: bool = True
     use_senet: bool = False
     action_cond: bool = False
@@ -203,9 +209,11 @@ def rel_pos_bucket(dist: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return torch.where(dist < exact, dist, log_b.clamp(max=num_buckets - 1))
 
 
-def rel_time_bucket(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """floor(log2(1 + gap seconds)), capped at num_buckets - 1; negative gaps count as 0."""
-    return torch.floor(torch.log2(1.0 + gap.clamp(min=0).double())).long().clamp(max=num_buckets - 1)
+def rel_time_bucket(gap: torch.Tensor, num_buckets: int, base: float = 2.0) -> torch.Tensor:
+    """floor(log_base(1 + gap seconds)), capped at num_buckets - 1; negative gaps count as 0."""
+    g = 1.0 + gap.clamp(min=0).double()
+    lg = torch.log2(g) if base == 2.0 else torch.log(g) / math.log(base)
+    return torch.floor(lg).long().clamp(max=num_buckets - 1)
 
 
 def rope(x, cos, sin):                             # x [B, H, T, dh]; cos/sin [B, 1, T, r/2], r <= dh
@@ -217,18 +225,28 @@ def rope(x, cos, sin):                             # x [B, H, T, dh]; cos/sin [B
 
 
 class RelativeBias(nn.Module):
-    """Learned per-head bias over bucketed relative positions and time gaps (query - key)."""
+    """Learned per-head bias over bucketed relative positions and time gaps (query - key). The
+    time gap is the query's own event time minus the key's: the query position's request time is
+    taken as its newest event, never the next (target) event's time, which the published HSTU
+    uses and which is unknown when the prediction is made."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.pos = nn.Embedding(cfg.rel_pos_buckets, cfg.num_heads)
-        self.time = nn.Embedding(cfg.rel_time_buckets, cfg.num_heads)
-        nn.init.zeros_(self.pos.weight)
-        nn.init.zeros_(self.time.weight)
+        terms = cfg.rel_bias_terms.split("+")
+        self.pos = nn.Embedding(cfg.rel_pos_buckets, cfg.num_heads) if "pos" in terms else None
+        self.time = nn.Embedding(cfg.rel_time_buckets, cfg.num_heads) if "time" in terms else None
+        for emb in (self.pos, self.time):
+            if emb is not None:
+                nn.init.zeros_(emb.weight)
 
     def forward(self, pos_b, time_b):              # [T, T] and [B, T, T] -> [B, H, T, T]
-        # the position term depends on (query, key) only: look it up once, not per example
-        return self.pos(pos_b).permute(2, 0, 1).unsqueeze(0) + self.time(time_b).permute(0, 3, 1, 2)
+        out = 0
+        if self.pos is not None:
+            # the position term depends on (query, key) only: look it up once, not per example
+            out = self.pos(pos_b).permute(2, 0, 1).unsqueeze(0)
+        if self.time is not None:
+            out = out + self.time(time_b).permute(0, 3, 1, 2)
+        return out
 
 
 class HSTUBlock(nn.Module):
@@ -245,6 +263,10 @@ class HSTUBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout_rate)
         self.rel = RelativeBias(cfg) if cfg.use_rel_bias else None
         self.ffn = FeedForward(cfg) if cfg.hstu_ffn else None
+        if cfg.hstu_init == "published":
+            nn.init.normal_(self.uvqk.weight, std=0.02)
+            nn.init.zeros_(self.uvqk.bias)
+            nn.init.xavier_uniform_(self.out.weight)
 
     def forward(self, x, ctx):
         B, T, _ = x.shape
@@ -257,13 +279,20 @@ class HSTUBlock(nn.Module):
         v = v.view(B, T, self.h, self.dv).transpose(1, 2)      # [B, H, T, dv]
         if ctx.get("rope") is not None:
             q, k = rope(q, *ctx["rope"]), rope(k, *ctx["rope"])
+        if not self.cfg.hstu_qk_scale:
+            q = q * math.sqrt(self.dqk)                        # attention() divides by it again
         bias = self.rel(ctx["pos_b"], ctx["time_b"]).to(q.dtype) if self.rel is not None else None
+        silu_div = ctx["window"] if self.cfg.hstu_silu_norm == "length" else None
         a = attention(q, k, v, ctx["allowed"], bias, self.cfg.hstu_attn,
-                      self.cfg.attn_dropout if self.training else 0.0, ctx.get("real"))
+                      self.cfg.attn_dropout if self.training else 0.0, ctx.get("real"), silu_div)
         a = a.transpose(1, 2).reshape(B, T, self.h * self.dv)  # [B, T, H*dv]
         # back in the batch's order before dropout, so each token draws the same dropout mask
         # on either path
-        x = x + self.drop(self.out(from_causal_order(self.attn_norm(a) * u, ctx)))
+        gated = from_causal_order(self.attn_norm(a) * u, ctx)
+        if self.cfg.hstu_dropout == "gate":
+            x = x + self.out(self.drop(gated))
+        else:
+            x = x + self.drop(self.out(gated))
         x = x if self.cfg.norm_first else self.norm(x)
         return x if self.ffn is None else self.ffn(x)
 
@@ -358,13 +387,13 @@ def from_causal_order(x: torch.Tensor, ctx: dict) -> torch.Tensor:
     return _Reorder.apply(x.reshape(-1, x.shape[-1]), back, to).view(x.shape)
 
 
-def attention(q, k, v, allowed, bias, kind: str, dropout_p: float, real=None) -> torch.Tensor:
+def attention(q, k, v, allowed, bias, kind: str, dropout_p: float, real=None, silu_div=None) -> torch.Tensor:
     """Masked attention. allowed: bool [B, 1, T, T] (a real query: the real keys up to itself; a
     padding query: itself).
 
     softmax goes through scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
     masked keys get exactly zero weight. silu is HSTU's pointwise form divided by the number of
-    visible keys.
+    visible keys, or by silu_div (the published form: the window length) where given.
 
     allowed None (softmax without bias only): the tokens are in causal order (see causal_order:
     real tokens first, padding after), where causal attention alone is the same as the mask, so
@@ -384,7 +413,7 @@ def attention(q, k, v, allowed, bias, kind: str, dropout_p: float, real=None) ->
     if bias is not None:
         s = s + bias
     w = F.silu(s) * allowed
-    w = w / allowed.sum(-1, keepdim=True).clamp(min=1)
+    w = w / (allowed.sum(-1, keepdim=True).clamp(min=1) if silu_div is None else silu_div)
     if dropout_p:
         w = F.dropout(w, dropout_p)
     return w @ v
@@ -599,10 +628,12 @@ class GenerativeRecommender(nn.Module):
             # sees nothing else anyway): so is it in causal order, and the paths agree everywhere
             allowed = (causal & real.unsqueeze(1) & real.unsqueeze(2)) | torch.eye(T, dtype=torch.bool, device=tt.device)
             ctx = {"allowed": allowed.unsqueeze(1)}                     # [B, 1, T, T]
+        ctx["window"] = self.data.maxlen + 1                               # tokens a window holds
         if cfg.use_rel_bias:
             ts = batch["ts"]
             ctx["pos_b"] = rel_pos_bucket(idx.view(T, 1) - idx.view(1, T), cfg.rel_pos_buckets)     # [T, T]
-            ctx["time_b"] = rel_time_bucket(ts.unsqueeze(2) - ts.unsqueeze(1), cfg.rel_time_buckets)
+            ctx["time_b"] = rel_time_bucket(ts.unsqueeze(2) - ts.unsqueeze(1), cfg.rel_time_buckets,
+                                            cfg.rel_time_base)                  # [B, T, T] query - key
         if cfg.use_rope:
             ang = pos_idx.float().unsqueeze(-1) * self.rope_freq          # [B, T, dh/2], attention's order
             ctx["rope"] = (ang.cos().unsqueeze(1).to(x.dtype), ang.sin().unsqueeze(1).to(x.dtype))
