@@ -536,7 +536,9 @@ def validate(s: Setup, st: TrainState, log: RunLog) -> tuple:
     applies. Updates the best step and the patience count; returns (metrics, history masked)."""
     try:
         if s.holdout is not None:
-            both = V.holdout_metrics(s.model, s.table, s.holdout, s.cfg.data.num_items, s.device, trained=s.trained)
+            s.holdout_cache = s.holdout_cache or V.BatchCache()
+            both = V.holdout_metrics(s.model, s.table, s.holdout, s.cfg.data.num_items, s.device, trained=s.trained,
+                                     cache=s.holdout_cache)
         else:
             both = V.evaluate_folder(s.model, s.cfg.data, s.table, s.valid_dir, s.paths["data"], s.device,
                                      mask_history=None, trained=s.trained)

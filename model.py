@@ -530,14 +530,18 @@ class GenerativeRecommender(nn.Module):
         (every request against every candidate), ids [N, K] -> [N, K] (each request its own). The
         [N, M] work is one subtraction of day numbers and one lookup in a table of the bias by day
         difference (the buckets' log2 runs on that table only); an id without a training event
-        counts as first seen on the last day."""
+        counts as first seen on the last day. Requests share few days: the [N, M] form looks up
+        one row per distinct request day and copies rows, not an index per pair."""
         first, known = self._first(ids)
         lo, hi = self._days
         day_m = torch.div(first, 86400, rounding_mode="floor").masked_fill(~known, hi).clamp(lo, hi)
         day_n = torch.div(ts, 86400, rounding_mode="floor").clamp(lo, hi)
         span = hi - lo
         table = self.age_bias[self.age_bucket_of(torch.arange(-span, span + 1, device=ts.device))]    # [2 span + 1]
-        return table[day_n.unsqueeze(1) - day_m + span]
+        if ids.dim() != 1:
+            return table[day_n.unsqueeze(1) - day_m + span]
+        days, inv = torch.unique(day_n, return_inverse=True)                                       # [D], [N]
+        return table[days.unsqueeze(1) - day_m + span].index_select(0, inv)                       # [D, M] -> [N, M]
 
     def available(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """bool [N, M]: item ids [M] existed at request times ts [N] (first seen at or before it). An

@@ -216,6 +216,7 @@ class Setup:
     lr_scale: list = dataclasses.field(default_factory=lambda: [1.0])   # plateau cuts so far (in TrainState too)
     skipped: set = dataclasses.field(default_factory=set)   # messages of lines skipped so far
     trained: np.ndarray = None            # bool by item re-id: occurs in the training sequences (cold: False)
+    holdout_cache: object = None          # validation.BatchCache of the held-out users' batches (main.py)
 
 
 def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int = 0, world: int = 1, say=print,

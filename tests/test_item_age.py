@@ -76,13 +76,14 @@ def test_pair_bias_is_the_bucket_of_each_request_age():
     m.set_first_seen(torch.tensor(first), t0 + 40 * DAY)
     with torch.no_grad():
         m.age_bias.copy_(torch.arange(M.AGE_BUCKETS, dtype=torch.float32))
-    ts = torch.tensor([t0, t0 + 2 * DAY - 7200, t0 + 40 * DAY])
+    # requests out of order, several on one day (the [N, M] form looks up each day once)
+    ts = torch.tensor([t0 + 40 * DAY, t0, t0 + 2 * DAY - 7200, t0 + 1800, t0 + 40 * DAY + 60])
     ids = torch.tensor([1, 2, 3, 4, 5, -1])
     got = m.pair_bias(ids, ts)
     for n, t in enumerate(ts.tolist()):
         for j, i in enumerate(ids.tolist()):
             assert int(got[n, j]) == naive_bucket(first, i, ref=t), (n, j)
-    assert m.pair_bias(ids.view(2, 3)[:1].expand(3, 3), ts).tolist() == got[:, :3].tolist()
+    assert m.pair_bias(ids.view(2, 3)[:1].expand(len(ts), 3), ts).tolist() == got[:, :3].tolist()
 
 
 def test_available_against_a_naive_loop():
