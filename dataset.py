@@ -384,6 +384,24 @@ class ItemTable:
             codes[sel] = S.assign_codes(vecs, book)
         return codes
 
+    def content(self, rows: np.ndarray) -> tuple:
+        """(vectors float32 [n, sum of dims], has bool [n]) of table rows: every multimodal
+        feature's vector, each L2-normalised, side by side; `has` where a row has all of them
+        (the rest are zero rows). The items' content as --cold_neighbors compares it."""
+        rows = np.asarray(rows, np.int64)
+        has = np.ones(len(rows), bool)
+        parts = []
+        for fid, table in self.mm.items():
+            mr = self.mm_row[fid][rows]
+            v = np.asarray(table[np.maximum(mr, 0)], np.float32)
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            v[mr < 0] = 0.0
+            parts.append(v)
+            has &= mr >= 0
+        if not parts:
+            return np.zeros((len(rows), 0), np.float32), np.zeros(len(rows), bool)
+        return np.concatenate(parts, 1), has
+
     def set_young(self, until: np.ndarray) -> None:
         """young_until (dataset.young_until, by row; rows beyond it: never young)."""
         self.young_until = np.zeros(len(self.id), np.int64)

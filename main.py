@@ -156,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     flag("--item_age", False, "a learned score bias by item age (log2 days since the item's first training event, "
          "at the newest one; a cold item counts as newest); in training an item first seen after a request is no "
          "negative for it. Off without real timestamps")
+    g.add_argument("--cold_neighbors", type=int, default=0,
+                   help="score a candidate without training events (a cold item) as the mean of the vectors of its "
+                        "K nearest trained candidates by multimodal-vector cosine, keeping its own item-age bias; "
+                        "saved in the checkpoint, so infer.py does the same (0: its own vector). Needs --mm_emb_id "
+                        "vectors")
     g.add_argument("--item_id_dropout", type=float, default=0.0,
                    help="drop item id rows with this rate at every training step, so the features alone learn to "
                         "carry an item, as they must for cold items")
@@ -248,7 +253,8 @@ _INT_MIN = {"maxlen": 1, "hidden_units": 1, "num_blocks": 1, "num_heads": 1, "dq
             "hard_neg_k": 1, "hard_neg_pool": 1, "hard_neg_refresh": 1, "in_batch_max": 1, "max_nonfinite_steps": 1,
             "valid_users": 0, "num_workers": 0, "feat_dim": 0, "new_item_events": 0, "warmup_steps": 0, "max_steps": 0, "eval_every": 0,
             "patience": 0, "ckpt_every_steps": 0, "keep_last_ckpts": 0, "num_neg": -1, "num_epochs": 1,
-            "limit_users": 1, "seed": 0, "valid_seed": 0, "senet_reduction": 1, "rope_dim": 0, "prefetch_factor": 1}
+            "limit_users": 1, "seed": 0, "valid_seed": 0, "senet_reduction": 1, "rope_dim": 0, "prefetch_factor": 1,
+            "cold_neighbors": 0}
 # Upper bounds: far above any real run, low enough that a typo (an extra zero, 2**63) is a one-line
 # error naming the flag instead of an allocation failure or an overflow deep in torch or numpy.
 # Every other int flag (step and epoch counts, --patience, ...) stops at _INT_CAP.

@@ -77,6 +77,7 @@ class ModelConfig:
     rope_dim: int = 0                 # RoPE on the first rope_dim dims of each head (0 = all)
     cold_ids: str = "mask"            # mask: items without a training event use id row 0 (features only); keep
     item_age: bool = False            # a learned score bias by item age (time since its first training event)
+    cold_neighbors: int = 0           # a cold candidate scored as the mean of its K nearest trained items by content
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed, removed and moved fields
@@ -436,7 +437,7 @@ class GenerativeRecommender(nn.Module):
                                        data.mm_dims, data.use_itemctr, d, f, cfg.use_senet, cfg.emb_init_std,
                                        cfg.item_tower, cfg.senet_reduction, sid_vocab(data),
                                        new_row=cfg.cold_ids == "mask" and cfg.use_item_id)
-        if cfg.cold_ids == "mask":
+        if cfg.cold_ids == "mask" or cfg.cold_neighbors:
             # Set by the trainer, saved with the weights: which item ids have an id row worth using
             # (an event in training past the item's first new_item_events), and the time before
             # which an event shows its item as new (SequenceBuilder rebuilds those flags from it at
@@ -490,7 +491,7 @@ class GenerativeRecommender(nn.Module):
     def set_trained_items(self, trained: torch.Tensor, young_until: torch.Tensor = None) -> None:
         """trained: bool [num_items + 1], the item ids whose id rows training uses; young_until:
         dataset.young_until (None: no event shows a new item)."""
-        if self.cfg.cold_ids == "mask":
+        if hasattr(self, "item_trained"):
             self.item_trained.copy_(trained.to(self.item_trained.device))
             if young_until is not None:
                 self.item_young_until.copy_(young_until.to(self.item_young_until.device))

@@ -236,6 +236,9 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     if cfg.model.item_age and not D.dataset_has_timestamps(paths["data"]):
         say("notice: this dataset has no real timestamps; the item-age bias switched off")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_age=False))
+    if cfg.model.cold_neighbors and not data_cfg.mm_emb_id:
+        say("notice: --cold_neighbors compares multimodal vectors, and this run reads none: switched off")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cold_neighbors=0))
     counts, head_min = D.load_item_pop(paths["data"], ctr_dir, seq_path, paths["cache"], data_cfg.num_items,
                                        loop.skip_bad_records)
     table.set_popularity(counts, head_min)

@@ -123,6 +123,39 @@ def embed_rows(model, table: D.ItemTable, rows: np.ndarray, device, chunk: int =
     return out
 
 
+def neighbor_vectors(cand: np.ndarray, cold: np.ndarray, content: np.ndarray, has: np.ndarray, k: int,
+                     width: int, unit: bool) -> tuple:
+    """Cold candidates scored through the items they resemble: each cold candidate with content
+    gets the mean of the first `width` coordinates of its k nearest warm candidates by content
+    cosine (unit: renormalised, as cosine scoring has them), keeping its own later coordinates
+    (the item-age bias). An untrained item's own vector comes from an id row no gradient reached,
+    or the shared new-item row, plus features the id rows outweighed in training; its neighbours'
+    vectors were learned from their clicks. -> (new candidate matrix, cold candidates changed)."""
+    src = np.flatnonzero(~cold & has)
+    dst = np.flatnonzero(cold & has)
+    if k <= 0 or not len(src) or not len(dst):
+        return cand, 0
+    _, idx = R.search(content[dst], content[src], min(k, len(src)))
+    idx = np.asarray(idx)
+    out = cand.copy()
+    mean = cand[src[np.maximum(idx, 0)], :width]                     # [cold, k, width]
+    mean = (mean * (idx >= 0)[..., None]).sum(1) / np.maximum((idx >= 0).sum(1, keepdims=True), 1)
+    if unit:
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    out[dst, :width] = mean
+    return out, len(dst)
+
+
+def cold_rows(model, rows: np.ndarray) -> np.ndarray:
+    """bool per candidate row: no id row trained for it (beyond the training items, or not in
+    the model's item_trained record)."""
+    trained = model.item_trained.cpu().numpy() if hasattr(model, "item_trained") else None
+    if trained is None:
+        return np.zeros(len(rows), bool)
+    inside = rows < len(trained)
+    return ~np.where(inside, trained[np.minimum(rows, len(trained) - 1)], False) | (rows <= 0)
+
+
 def _no_hang(loader, num_workers: int):
     """Iterate a DataLoader; its timeout (a worker that sent no batch in time) as one line."""
     try:
@@ -212,6 +245,13 @@ def export(model, table: D.ItemTable, builder: D.SequenceBuilder, indexer: dict,
     del feats
     cand = embed_rows(model, table, rows, device, cand_batch_size)
     check_finite(candidate_vectors=cand)
+    if model.cfg.cold_neighbors:
+        content, has = table.content(rows)
+        cand, n = neighbor_vectors(cand, cold_rows(model, rows), content, has, model.cfg.cold_neighbors,
+                                   model.cfg.hidden_units, model.cfg.score == "cosine")
+        if verbose:
+            print(f"cold candidates scored through their {model.cfg.cold_neighbors} nearest trained items: {n}",
+                  flush=True)
     t1 = time.time()
     raw_user_of = {r: u for u, r in indexer.get("u", {}).items()}
     ds = P.PredictSeqDataset(eval_dir, builder, raw_user_of)

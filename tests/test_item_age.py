@@ -4,6 +4,7 @@ unavailable candidates against a naive loop (fused and plain forms alike), the f
 against a sort, and a tiny train -> infer run that rebuilds the bias from the checkpoint."""
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -159,11 +160,16 @@ def test_first_seen_and_newest_event_against_a_sort(tmp_path):
 
 
 def test_train_and_infer_with_item_age(tmp_path):
-    """main.py --item_age on a tiny demo world, then infer.py without any flag: the first-seen
-    times, reference time and bias travel in the checkpoint; the vectors carry one more coordinate."""
+    """main.py --item_age --cold_neighbors on a tiny demo world, then infer.py without any flag: the
+    first-seen times, reference time and bias travel in the checkpoint; the vectors carry one more
+    coordinate."""
     world, cache, run, paths = tiny_world(tmp_path)
-    sh("main.py", "--item_age", "--num_epochs", 2, "--hidden_units", 16, "--num_workers", 0, **paths)
-    sh("infer.py", **paths)
+    sh("main.py", "--item_age", "--cold_neighbors", 3, "--num_epochs", 2, "--hidden_units", 16, "--num_workers", 0,
+       **paths)
+    out = sh("infer.py", **paths)
+    # --cold_neighbors travels in the checkpoint too: the eval pool's new items get neighbours
+    n = int(re.search(r"cold candidates scored through their 3 nearest trained items: (\d+)", out).group(1))
+    assert n > 0
     ck = torch.load(next((run / "ckpt").glob("global_step*/model.pt")), weights_only=True, map_location="cpu")
     first, ref = ck["model"]["item_first_seen"], int(ck["model"]["age_ref"])
     seen = first[first >= 0]

@@ -68,3 +68,45 @@ def test_a_cache_over_its_limit_keeps_nothing_and_reads_each_time():
         q, _ = V.embed_users(model, ds, table, torch.device("cpu"), batch_size=3, cache=cache)
         np.testing.assert_array_equal(q, want_q)
         assert ds.reads - reads == len(ds) and not cache.complete and cache.batches == []
+
+
+def test_neighbor_vectors_against_a_naive_loop():
+    """Each cold candidate with content: the mean of its k nearest warm candidates' first `width`
+    coordinates by content cosine (renormalised when unit), its own last coordinate kept; cold
+    ones without content and every warm one unchanged."""
+    rng = np.random.default_rng(0)
+    n, width, k = 12, 4, 3
+    cand = rng.normal(size=(n, width + 1)).astype(np.float32)
+    content = rng.normal(size=(n, 6)).astype(np.float32)
+    content /= np.linalg.norm(content, axis=1, keepdims=True)
+    cold = np.zeros(n, bool)
+    cold[[1, 4, 7, 9]] = True
+    has = np.ones(n, bool)
+    has[[7, 10]] = False                                  # a cold and a warm item without vectors
+    for unit in (True, False):
+        got, changed = V.neighbor_vectors(cand, cold, content, has, k, width, unit)
+        assert changed == 3
+        want = cand.copy()
+        for i in range(n):
+            if not (cold[i] and has[i]):
+                continue
+            sims = sorted(((float(content[i] @ content[j]), j) for j in range(n) if not cold[j] and has[j]),
+                          reverse=True)[:k]
+            m = np.mean([cand[j, :width] for _, j in sims], 0)
+            want[i, :width] = m / np.linalg.norm(m) if unit else m
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    same, changed = V.neighbor_vectors(cand, cold, content, has, 0, width, True)
+    assert changed == 0 and same is cand
+
+
+def test_cold_rows_and_table_content():
+    model, table, _ = tiny()
+    assert not V.cold_rows(model, np.array([1, 2, 6])).any()            # no record: nothing is cold
+    cfg = M.ModelConfig(hidden_units=8, num_heads=1, dqk=4, dv=4, feat_dim=4, cold_neighbors=2, cold_ids="keep")
+    m2 = M.GenerativeRecommender(cfg, model.data)
+    trained = torch.ones(7, dtype=torch.bool)
+    trained[3] = False
+    m2.set_trained_items(trained)
+    assert V.cold_rows(m2, np.array([1, 3, 6, 7, 9])).tolist() == [False, True, False, True, True]
+    vec, has = table.content(np.array([1, 2]))                          # a table without vectors
+    assert vec.shape == (2, 0) and not has.any()
