@@ -127,7 +127,8 @@ def neighbor_vectors(cand: np.ndarray, cold: np.ndarray, content: np.ndarray, ha
                      width: int, unit: bool) -> tuple:
     """Cold candidates scored through the items they resemble: each cold candidate with content
     gets the mean of the first `width` coordinates of its k nearest warm candidates by content
-    cosine (unit: renormalised, as cosine scoring has them), keeping its own later coordinates
+    cosine (at unit length where scores are cosine, else at the neighbours' mean length), keeping
+    its own later coordinates
     (the item-age bias). An untrained item's own vector comes from an id row no gradient reached,
     or the shared new-item row, plus features the id rows outweighed in training; its neighbours'
     vectors were learned from their clicks. -> (new candidate matrix, cold candidates changed)."""
@@ -140,8 +141,12 @@ def neighbor_vectors(cand: np.ndarray, cold: np.ndarray, content: np.ndarray, ha
     out = cand.copy()
     mean = cand[src[np.maximum(idx, 0)], :width]                     # [cold, k, width]
     mean = (mean * (idx >= 0)[..., None]).sum(1) / np.maximum((idx >= 0).sum(1, keepdims=True), 1)
-    if unit:
-        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    # the mean's direction at the neighbours' typical length: unit for cosine scores; for dot
+    # scores their mean norm (a mean of k vectors is shorter than each, which alone would sink
+    # every cold item under the warm ones)
+    norm = 1.0 if unit else (np.linalg.norm(cand[src[np.maximum(idx, 0)], :width], axis=2) * (idx >= 0)).sum(1,
+                            keepdims=True) / np.maximum((idx >= 0).sum(1, keepdims=True), 1)
+    mean *= norm / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
     out[dst, :width] = mean
     return out, len(dst)
 

@@ -72,8 +72,8 @@ def test_a_cache_over_its_limit_keeps_nothing_and_reads_each_time():
 
 def test_neighbor_vectors_against_a_naive_loop():
     """Each cold candidate with content: the mean of its k nearest warm candidates' first `width`
-    coordinates by content cosine (renormalised when unit), its own last coordinate kept; cold
-    ones without content and every warm one unchanged."""
+    coordinates by content cosine, at unit length (unit) or at the neighbours' mean length, its own
+    last coordinate kept; cold ones without content and every warm one unchanged."""
     rng = np.random.default_rng(0)
     n, width, k = 12, 4, 3
     cand = rng.normal(size=(n, width + 1)).astype(np.float32)
@@ -93,7 +93,8 @@ def test_neighbor_vectors_against_a_naive_loop():
             sims = sorted(((float(content[i] @ content[j]), j) for j in range(n) if not cold[j] and has[j]),
                           reverse=True)[:k]
             m = np.mean([cand[j, :width] for _, j in sims], 0)
-            want[i, :width] = m / np.linalg.norm(m) if unit else m
+            length = 1.0 if unit else np.mean([np.linalg.norm(cand[j, :width]) for _, j in sims])
+            want[i, :width] = m / np.linalg.norm(m) * length
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     same, changed = V.neighbor_vectors(cand, cold, content, has, 0, width, True)
     assert changed == 0 and same is cand
