@@ -1,7 +1,7 @@
 """Public benchmark: convert a dataset, train with validation-based selection, score the test split.
 
     python bench/public.py --format s3rec --input PATH/s3rec-Beauty --out runs/beauty [--seeds 2]
-    python bench/public.py --format movielens --input PATH/ml-100k --out runs/ml100k -- --encoder_type transformer
+    python bench/public.py --format movielens --input PATH/ml-100k --out runs/ml100k --name hstu -- --encoder_type hstu
     python bench/public.py --format movielens --input PATH/ml-100k --out runs/ml100k-cold --cold_items 0.2 \
         -- --config cold
 
@@ -41,7 +41,8 @@ def get_args():
     p.add_argument("--out", required=True, help="output folder (converted data, runs, results)")
     p.add_argument("--seeds", type=int, default=1, help="train and score this many seeds (0, 1, ...)")
     p.add_argument("--first_seed", type=int, default=0, help="seeds run from this one")
-    p.add_argument("--name", default="hstu", help="label of this configuration in the output")
+    p.add_argument("--name", default="recommended",
+                   help="label of this configuration in the output (and of its run folders)")
     p.add_argument("--no_mask_history", action="store_true", help="do not mask the input history when ranking")
     p.add_argument("--cold_items", type=float, default=0.0,
                    help="convert with this share of the items made cold (convert_public.py --cold_items)")
