@@ -229,6 +229,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=None,
                    help="stop after this many validations without a gain in NDCG@10 (0 = never; default 10, or 0 when "
                         "--num_epochs is given)")
+    g.add_argument("--min_gain", type=float, default=0.0,
+                   help="a validation counts as a gain for --patience and the plateau schedule only when its NDCG@10 "
+                        "beats the last counted gain by this fraction (0.01: 1%%); smaller gains still update the "
+                        "best checkpoint. 0: any gain")
     g.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
     g.add_argument("--resume", default="auto",
                    help="auto: continue from the newest complete checkpoint in TRAIN_CKPT_PATH; none: start "
@@ -271,7 +275,7 @@ _FLOAT_RANGE = {"lr": (0, None, False), "temperature": (0, None, False), "tau_cl
                 "first_epoch_id_item_dropout": (0, 1, True), "item_id_dropout": (0, 1, True),
                 "plateau_factor": (0, 1, False),
                 "rope_theta": (1, None, False), "expo_weight": (0, None, True), "weight_cap": (0, None, True),
-                "rankloss_tau": (0, None, True), "rel_time_base": (1, None, False)}
+                "rankloss_tau": (0, None, True), "rel_time_base": (1, None, False), "min_gain": (0, 1, True)}
 
 
 def check_args(args) -> None:
@@ -560,8 +564,13 @@ def validate(s: Setup, st: TrainState, log: RunLog) -> tuple:
     m = both["masked" if mask else "plain"]
     log.record({"step": st.step, "epoch": st.epoch + (st.micro > 0), "mask_history": mask,
                 **{f"valid_{k}": v for k, v in m.items()}}, {f"valid/{k}": v for k, v in m.items()}, st.step)
-    if st.best is None or m["NDCG@10"] > st.best[1]:
-        st.best, st.bad_evals = [st.step, m["NDCG@10"], mask], 0
+    ndcg = m["NDCG@10"]
+    if st.ref is None and st.best is not None:
+        st.ref = st.best[1]          # a checkpoint from before min_gain: its best was the reference
+    if st.best is None or ndcg > st.best[1]:
+        st.best = [st.step, ndcg, mask]
+    if st.ref is None or ndcg > st.ref * (1 + s.cfg.loop.min_gain):
+        st.ref, st.bad_evals = ndcg, 0
     else:
         st.bad_evals += 1
     return m, mask

@@ -98,6 +98,7 @@ class LoopConfig:
     seed: int = 42
     device: str = None
     patience: int = None               # None: 10, or 0 with num_epochs
+    min_gain: float = 0.0              # relative NDCG@10 gain a validation needs to reset the patience count
     log_every: int = 20
     resume: str = "auto"
     ckpt_every_steps: int = 0
@@ -134,6 +135,7 @@ class TrainState:
     micro: int = 0                     # micro-batches done in the current epoch
     best: list = None                  # [step, valid NDCG@10, history masked] of the best validation
     bad_evals: int = 0                 # validations in a row without gain
+    ref: float = None                  # valid NDCG@10 that gains are measured against (the best without min_gain)
     nonfinite: int = 0                 # optimizer steps in a row with a non-finite loss
     lr_scale: float = 1.0              # plateau cuts so far
     run: str = ""                      # this run's id (checkpoints of other runs are never touched)

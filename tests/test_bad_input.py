@@ -1412,7 +1412,8 @@ def test_validation_nan_is_a_diverged_run(monkeypatch):
                                 user_queries=np.array([[np.inf]], np.float32))
     monkeypatch.setattr(validation, "holdout_metrics", diverged)
     cfg = config.from_args(main.get_args(["--lr", "0.001", "--clip_norm", "0"]))
-    s = types.SimpleNamespace(holdout=object(), model=None, table=None, device=None, cfg=cfg, trained=None)
+    s = types.SimpleNamespace(holdout=object(), model=None, table=None, device=None, cfg=cfg, trained=None,
+                              holdout_cache=None)
     with pytest.raises(main.TrainingError) as e:
         main.validate(s, training.TrainState(step=7), None)
     assert str(e.value) == ("the run diverged: at step 7 the model's user queries hold NaN or inf (validation); "

@@ -135,15 +135,17 @@ def test_precedence_defaults_files_then_flags(tmp_path):
 
 
 def test_public_configs_are_the_former_flag_lists():
-    """configs/s3rec.toml is bench/public.py's former s3rec flag list (checked bit-identical in training)."""
+    """configs/s3rec.toml is bench/public.py's former s3rec flag list (checked bit-identical in training),
+    with the encoder each family's validation chose since: the transformer, and for MovieLens its
+    relative position/time bias."""
     old = ("--hidden_units 64 --num_blocks 1 --num_heads 1 --dqk 64 --dv 64 --attn_dropout 0.2 --item_tower id "
            "--score dot --query_head 0 --use_type_emb 0 --use_user_token 0 --use_user_id 0 --use_timefeat 0 "
            "--num_neg -1 --lr 2e-3 --warmup_steps 200 --weight_decay 0.01 --clip_norm 1 --batch_size 128 "
            "--emb_init_std 0.02 --length_bucketing 0").split()
     assert CF.from_args(M.get_args(["--config", "s3rec"])) == CF.from_args(M.get_args(
-        old + "--maxlen 50 --dropout_rate 0.3 --num_epochs 30 --patience 8".split()))
+        old + "--maxlen 50 --dropout_rate 0.3 --num_epochs 30 --patience 8 --encoder_type transformer".split()))
     assert CF.from_args(M.get_args(["--config", "movielens"])) == CF.from_args(M.get_args(
-        old + "--maxlen 200 --dropout_rate 0.2 --patience 20".split()))
+        old + "--maxlen 200 --dropout_rate 0.2 --patience 20 --encoder_type transformer --use_rel_bias 1".split()))
 
 
 @pytest.mark.parametrize("text,expected", [
