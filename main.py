@@ -231,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
                         "--num_epochs is given)")
     g.add_argument("--min_gain", type=float, default=0.0,
                    help="a validation counts as a gain for --patience and the plateau schedule only when its NDCG@10 "
-                        "beats the last counted gain by this fraction (0.01: 1%%); smaller gains still update the "
+                        "beats the last counted gain by this fraction (0.01: one percent); smaller gains still update the "
                         "best checkpoint. 0: any gain")
     g.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
     g.add_argument("--resume", default="auto",
