@@ -11,9 +11,12 @@ vector coordinate: popularity in ad and news logs decays with age, and a cold it
 
 Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
-that padding changes nothing); relative position/time biases use log buckets of the distance and
-of the time gap between the query's and the key's events; no FFN after HSTU blocks, as in the
-paper. The model knows tensors only: readers build the batch dict (see dataset_packed.PackedCollate).
+that padding changes nothing); relative position/time biases are per head, on log buckets of the
+distance and of the time gap between the query's own event and the key's (the published code
+takes the query's time from the next event: the target's own timestamp); no FFN after HSTU
+blocks, as in the paper. The published block's other choices are options (hstu_silu_norm,
+hstu_qk_scale, hstu_dropout, hstu_init, rel_time_base). The model knows tensors only: readers
+build the batch dict (see dataset_packed.PackedCollate).
 
 Attention: softmax without relative bias runs with no mask: each block's attention takes its
 tokens in causal order (each row's real tokens first, padding after; see causal_order), where
