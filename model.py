@@ -529,6 +529,18 @@ class GenerativeRecommender(nn.Module):
         days = torch.div(self.age_ref, 86400, rounding_mode="floor") - torch.div(first, 86400, rounding_mode="floor")
         return self.age_bucket_of(days.masked_fill(~known, 0))
 
+    def age_days(self, ids: torch.Tensor, ts: torch.Tensor) -> tuple:
+        """(bias by day difference [2 span + 1], request days [N], first days of ids, span): the
+        bias of a (request, item) pair is table[request day - first day + span]; days are clamped
+        to the training data's first..last day."""
+        first, known = self._first(ids)
+        lo, hi = self._days
+        day_m = torch.div(first, 86400, rounding_mode="floor").masked_fill(~known, hi).clamp(lo, hi)
+        day_n = torch.div(ts, 86400, rounding_mode="floor").clamp(lo, hi)
+        span = hi - lo
+        table = self.age_bias[self.age_bucket_of(torch.arange(-span, span + 1, device=ts.device))]    # [2 span + 1]
+        return table, day_n, day_m, span
+
     def pair_bias(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """Age bias of item ids at request times ts [N], as training scores them: ids [M] -> [N, M]
         (every request against every candidate), ids [N, K] -> [N, K] (each request its own). The
@@ -536,12 +548,7 @@ class GenerativeRecommender(nn.Module):
         difference (the buckets' log2 runs on that table only); an id without a training event
         counts as first seen on the last day. Requests share few days: the [N, M] form looks up
         one row per distinct request day and copies rows, not an index per pair."""
-        first, known = self._first(ids)
-        lo, hi = self._days
-        day_m = torch.div(first, 86400, rounding_mode="floor").masked_fill(~known, hi).clamp(lo, hi)
-        day_n = torch.div(ts, 86400, rounding_mode="floor").clamp(lo, hi)
-        span = hi - lo
-        table = self.age_bias[self.age_bucket_of(torch.arange(-span, span + 1, device=ts.device))]    # [2 span + 1]
+        table, day_n, day_m, span = self.age_days(ids, ts)
         if ids.dim() != 1:
             return table[day_n.unsqueeze(1) - day_m + span]
         days, inv = torch.unique(day_n, return_inverse=True)                                       # [D], [N]

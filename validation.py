@@ -127,36 +127,34 @@ def neighbor_vectors(cand: np.ndarray, cold: np.ndarray, content: np.ndarray, ha
                      width: int, unit: bool) -> tuple:
     """Cold candidates scored through the items they resemble: each cold candidate with content
     gets the mean of the first `width` coordinates of its k nearest warm candidates by content
-    cosine (at unit length where scores are cosine, else at the neighbours' mean length), keeping
-    its own later coordinates
-    (the item-age bias). An untrained item's own vector comes from an id row no gradient reached,
-    or the shared new-item row, plus features the id rows outweighed in training; its neighbours'
-    vectors were learned from their clicks. -> (new candidate matrix, cold candidates changed)."""
+    cosine, keeping its own later coordinates (the item-age bias). The mean's direction is put at
+    unit length where scores are cosine, else at the neighbours' mean length (a mean of k vectors
+    is shorter than each, which alone would sink every cold item under the warm ones). An
+    untrained item's own vector comes from an id row no gradient reached, or the shared new-item
+    row, plus features the id rows outweighed in training; its neighbours' vectors were learned
+    from their clicks. -> (new candidate matrix, cold candidates changed)."""
     src = np.flatnonzero(~cold & has)
     dst = np.flatnonzero(cold & has)
     if k <= 0 or not len(src) or not len(dst):
         return cand, 0
     _, idx = R.search(content[dst], content[src], min(k, len(src)))
     idx = np.asarray(idx)
+    found = (idx >= 0)[..., None]                                     # [cold, k, 1]
+    nb = cand[src[np.maximum(idx, 0)], :width] * found                # [cold, k, width]
+    count = np.maximum(found.sum(1), 1)                               # [cold, 1]
+    mean = nb.sum(1) / count
+    length = 1.0 if unit else np.linalg.norm(nb, axis=2).sum(1, keepdims=True) / count
     out = cand.copy()
-    mean = cand[src[np.maximum(idx, 0)], :width]                     # [cold, k, width]
-    mean = (mean * (idx >= 0)[..., None]).sum(1) / np.maximum((idx >= 0).sum(1, keepdims=True), 1)
-    # the mean's direction at the neighbours' typical length: unit for cosine scores; for dot
-    # scores their mean norm (a mean of k vectors is shorter than each, which alone would sink
-    # every cold item under the warm ones)
-    norm = 1.0 if unit else (np.linalg.norm(cand[src[np.maximum(idx, 0)], :width], axis=2) * (idx >= 0)).sum(1,
-                            keepdims=True) / np.maximum((idx >= 0).sum(1, keepdims=True), 1)
-    mean *= norm / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-    out[dst, :width] = mean
+    out[dst, :width] = mean * (length / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12))
     return out, len(dst)
 
 
 def cold_rows(model, rows: np.ndarray) -> np.ndarray:
     """bool per candidate row: no id row trained for it (beyond the training items, or not in
-    the model's item_trained record)."""
-    trained = model.item_trained.cpu().numpy() if hasattr(model, "item_trained") else None
-    if trained is None:
+    the model's item_trained record; a model without that record calls nothing cold)."""
+    if not hasattr(model, "item_trained"):
         return np.zeros(len(rows), bool)
+    trained = model.item_trained.cpu().numpy()
     inside = rows < len(trained)
     return ~np.where(inside, trained[np.minimum(rows, len(trained) - 1)], False) | (rows <= 0)
 

@@ -28,12 +28,7 @@ DAY = 86400
 
 def per_pair(model, ids, ts):
     """The replaced form: a table index for every (request, candidate) pair."""
-    first, known = model._first(ids)
-    lo, hi = model._days
-    day_m = torch.div(first, DAY, rounding_mode="floor").masked_fill(~known, hi).clamp(lo, hi)
-    day_n = torch.div(ts, DAY, rounding_mode="floor").clamp(lo, hi)
-    span = hi - lo
-    table = model.age_bias[model.age_bucket_of(torch.arange(-span, span + 1))]
+    table, day_n, day_m, span = model.age_days(ids, ts)
     return table[day_n.unsqueeze(1) - day_m + span]
 
 
