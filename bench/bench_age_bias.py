@@ -70,7 +70,7 @@ def main(argv=None):
     body = (f"Item-age pair bias, forward + backward, [{a.requests} requests x {a.candidates} candidates] over "
             f"{a.days} days, median of {a.repeats} interleaved passes:\n\n"
             + B.table_md(["form", "ms", "speed-up"], rows)
-            + f"\n\nLoad average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine).")
+            + "\n\n" + B.load_line())
     print(body)
     if not a.no_record:
         B.append_benchmarks("Item-age pair bias (bench/bench_age_bias.py)", body)

@@ -15,7 +15,6 @@ them alike), median of --repeats runs:
 Before timing, the two paths' losses on the first batch are compared (dropout off for that check).
 """
 import argparse
-import os
 import statistics
 import time
 
@@ -145,7 +144,7 @@ def main():
                           "attention ratio", "encoder ms per batch masked / mask-free", "encoder ratio",
                           "step samples/s masked / mask-free", "step ratio"], rows)
             + "\n\n" + "\n".join(notes)
-            + f"\nLoad average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine).")
+            + "\n" + B.load_line())
     print(body)
     if not a.no_record:
         B.append_benchmarks("Attention: masked vs mask-free on CPU (bench/bench_attention.py)", body)

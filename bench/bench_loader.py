@@ -304,7 +304,7 @@ def main():
               f"{s.cfg.loop.num_workers} loader worker): **{B.med(e2e):.1f} samples/s** (median of {a.repeats} runs of "
               f"{a.train_steps} steps; runs {', '.join(f'{x:.1f}' for x in e2e)}); the loader alone delivers "
               f"{res.get(s.cfg.loop.num_workers, (0, 0))[1] * a.batch_size:.0f} samples/s, so training is compute-bound.\n"
-              f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine).")
+              + B.load_line())
     print(body)
     if not a.no_record:
         B.append_benchmarks("Loader: baseline-style vs packed (bench/bench_loader.py)", body)

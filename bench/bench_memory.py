@@ -252,7 +252,7 @@ def main():
     if a.cleanup:
         for users in (20000, 200000):
             shutil.rmtree(os.path.join(a.tmp, f"bench_mem_{users // 1000}k"), ignore_errors=True)
-    body = "\n\n".join(sections) + f"\n\nLoad average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}."
+    body = "\n\n".join(sections) + "\n\n" + B.load_line(note="")
     print(body)
     if not a.no_record:
         B.append_benchmarks(f"Memory at scale, part {'+'.join(a.parts)} (bench/bench_memory.py)", body)

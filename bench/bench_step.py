@@ -275,7 +275,7 @@ def main():
         print(sections[-1])
     body = (f"Real TencentGR_1k fragment x 10 (880 users, {a.work}), flags `{' '.join(flags)}` (main.py defaults "
             f"otherwise: HSTU, time features, 1 loader worker), CPU fp32.\n\n" + "\n\n".join(sections)
-            + f"\n\nLoad average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine).")
+            + "\n\n" + B.load_line())
     if not a.no_record:
         B.append_benchmarks("Training step at the official baseline's size, TencentGR sample (bench/bench_step.py)", body)
 

@@ -24,7 +24,6 @@ Training FLOPs = 3 x forward (backward ~ 2 x forward). MFU = training FLOPs / st
 measured fp32 GEMM peak (a 2048^3 torch.mm, median of 5, same process and threads).
 """
 import argparse
-import os
 import time
 
 import torch
@@ -152,7 +151,7 @@ def main():
               f"{small['samples'] / base['samples']:.2f}x the baseline transformer's samples/s; the recommended "
               f"configuration runs at {rec['samples'] / base['samples']:.2f}x the baseline model's samples/s "
               f"({rec['params'] / base['params']:.1f}x its parameters).\n{compile_line}\n"
-              f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine).")
+              + B.load_line())
     print(body)
     if not a.no_record:
         B.append_benchmarks("Training throughput and MFU on CPU (bench/bench_train.py)", body)

@@ -129,6 +129,11 @@ def fmt(x, nd=1):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{nd}f}"
 
 
+def load_line(note=" (shared machine)"):
+    """The closing line of a benchmark's record: the machine's load averages when it ended."""
+    return f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}{note}."
+
+
 def table_md(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
