@@ -1,11 +1,12 @@
 """Training throughput at the official TAAC baseline's size on real TencentGR sample data: where a
 step's time goes, and main.py's own samples/s, optionally beside another revision of the code.
 
-    python bench/bench_step.py [--shared ../shared/data/taac_sample] [--repeats 3] [--ref REV]
+    python bench/bench_step.py --shared DIR [--repeats 3] [--ref REV]
 
 Data: the real TencentGR_1k fragment (88 users' sequences, their items' features, the 32-wide
-multimodal vectors) written 10 times over into a temporary training folder (880 users): read
-from the shared folder, never copied into the repository. Size: d = 32, one block, one head,
+multimodal vectors; DIR holds it as distributed: seq_head88.jsonl, seq_offsets.pkl, indexer.pkl,
+creative_emb/emb_81_32/part-00000_head479) written 10 times over into a temporary training folder
+(880 users): read from DIR, never copied into the repository. Size: d = 32, one block, one head,
 maxlen 101, one sampled negative, batch 128 (the baseline's), main.py's defaults otherwise.
 
 Profile (main.py's loop body with a timer around each phase, in a fresh process per run; with
@@ -45,7 +46,6 @@ import training as TR
 
 SIZE = ["--hidden_units", "32", "--num_blocks", "1", "--num_heads", "1", "--dqk", "32", "--dv", "32",
         "--maxlen", "101", "--num_neg", "1", "--batch_size", "128"]
-DEFAULT_SHARED = os.path.join(os.path.dirname(B.ROOT), "shared", "data", "taac_sample")
 
 
 def taac_x10(shared, out, copies=10):
@@ -167,7 +167,8 @@ def seeded_run(code_dir, train, cache, flags, env_base):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shared", default=DEFAULT_SHARED, help="the TencentGR_1k sample folder (taac_sample)")
+    p.add_argument("--shared", required=True,
+                   help="the TencentGR_1k sample folder (seq_head88.jsonl, seq_offsets.pkl, indexer.pkl, creative_emb/)")
     p.add_argument("--work", default="/tmp/bench_step", help="folder for the x10 training folder and caches")
     p.add_argument("--steps", type=int, default=14, help="timed steps of the profile")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the profile")
