@@ -469,6 +469,31 @@ def stop_on_signals() -> None:
         signal.signal(sig, _raise_interrupted)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when the thread that forked it ends (PR_SET_PDEATHSIG); exit
+    at once if `parent`, the process that forked it, is gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))     # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(0)                   # the parent died before the line above took effect
+
+
+_FORK_HOOK = {"parent": None}
+
+
+def children_die_with_me() -> None:
+    """Every child this process forks from now on (DataLoader workers) dies with it from its
+    first instruction on, even when this process is SIGKILLed: worker_signals does the same from
+    the worker's init, which a worker forked just before the kill never reached; it then lived on
+    as an orphan and wrote a traceback into the shared stderr. Idempotent."""
+    if _FORK_HOOK["parent"] is None and hasattr(os, "register_at_fork"):
+        _FORK_HOOK["parent"] = os.getpid()
+        os.register_at_fork(before=lambda: _FORK_HOOK.update(parent=os.getpid()),
+                            after_in_child=lambda: _die_with_parent(_FORK_HOOK["parent"]))
+
+
 def worker_signals(keep_on_term: bool = False) -> None:
     """In a DataLoader worker (worker_init_fn): stop signals are the main process's to handle (it
     unwinds and stops its workers), so a worker ignores Ctrl-C sent to the whole process group.
@@ -480,14 +505,10 @@ def worker_signals(keep_on_term: bool = False) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN if keep_on_term else _quiet_exit)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import multiprocessing
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))     # 1 = PR_SET_PDEATHSIG
-        parent = multiprocessing.parent_process()
-        if parent is not None and os.getppid() != parent.pid:
-            os._exit(0)                   # the parent died before the line above took effect
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        _die_with_parent(parent.pid)
 
 
 # ---------------------------------------------------------------------------------------------

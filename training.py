@@ -20,7 +20,7 @@ import torch
 
 import dataset as D
 import dataset_packed as P
-from layout import DataConfig, DataError, iter_jsonl, load_pickle
+from layout import DataConfig, DataError, children_die_with_me, iter_jsonl, load_pickle
 from model import GenerativeRecommender, ModelConfig
 from objectives import Negatives, ObjectiveConfig, Trainer
 
@@ -317,6 +317,8 @@ def make_loader(ds: D.SeqDataset, table: D.ItemTable, loop: LoopConfig, device: 
     bs = batch_size or loop.batch_size
     nw = loop.num_workers if num_workers is None else num_workers
     sampler = P.EpochSampler(len(ds), world, rank, loop.seed, bs, ds.lines.line_bytes() if loop.length_bucketing else None)
+    if nw > 0:
+        children_die_with_me()
     loader = torch.utils.data.DataLoader(
         ds, batch_size=bs, sampler=sampler, num_workers=nw,
         pin_memory=loop.pin_memory and device.type == "cuda", collate_fn=P.PackedCollate(table),

@@ -15,7 +15,7 @@ import torch
 import dataset as D
 import dataset_packed as P
 import retrieval_torch as R
-from layout import DataError, load_pickle, read_item_feat_dict, worker_signals
+from layout import DataError, children_die_with_me, load_pickle, read_item_feat_dict, worker_signals
 
 # Seconds a DataLoader worker may take to deliver one batch of user sequences before the run
 # stops (a hung worker would otherwise wait forever); far above a real batch's time.
@@ -214,6 +214,8 @@ def embed_users(model, ds, table: D.ItemTable, device, batch_size: int = 256, nu
     if cache is not None and cache.complete:
         batches = cache.batches
     else:
+        if num_workers > 0:
+            children_die_with_me()
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=P.PackedCollate(table), worker_init_fn=_worker_init,
                                              timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)

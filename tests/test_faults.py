@@ -478,6 +478,37 @@ def test_inference_stopped_by_a_signal(trained, data, tmp_path, sig, group, code
     assert not [q for q in (tmp_path / "result").iterdir() if q.name.endswith(".tmp")]
 
 
+FORKER = """
+import multiprocessing, sys, time
+sys.path.insert(0, sys.argv[1])
+import layout
+if sys.argv[2] == "hook":
+    layout.children_die_with_me()
+p = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+p.start()
+print(p.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("hook", [True, False])
+def test_a_forked_child_dies_with_a_killed_parent_before_its_init(hook):
+    """A child forked after children_die_with_me() dies with its SIGKILLed parent though it never
+    ran a worker init (the window a DataLoader worker forked just before the kill is in); without
+    the hook the same child lives on, so the check can fail."""
+    p = subprocess.Popen([PY, "-c", FORKER, str(ROOT), "hook" if hook else "none"], stdout=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        child = int(p.stdout.readline())
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+        assert gone([child], guard=10 if hook else 1) == hook
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_training_stopped_by_a_signal(data, tmp_path, sig):
     """SIGTERM to main.py once it checkpoints (its worker running): a checkpoint, one line, 143;
