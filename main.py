@@ -154,8 +154,13 @@ def parser() -> argparse.ArgumentParser:
                    help="items without a training event: mask = scored through id row 0, by their features alone, "
                         "in training and at inference; keep = their own (untrained) id rows")
     flag("--item_age", False, "a learned score bias by item age (log2 days since the item's first training event, "
-         "at the newest one; a cold item counts as newest); in training an item first seen after a request is no "
-         "negative for it. Off without real timestamps")
+         "at the newest one; a cold item counts as newest); training takes each pair's age at the request "
+         "(see --age_unseen). Off without real timestamps")
+    g.add_argument("--age_unseen", choices=["mask", "bias"], default="bias",
+                   help="with --item_age, in training, an item whose first training event comes after a request: "
+                        "mask = no candidate for that request (it did not exist yet: an ad before its launch); bias = "
+                        "a candidate with one learned bias of its own (it existed, unrated: a film before its first "
+                        "rating in the log)")
     g.add_argument("--cold_neighbors", type=int, default=0,
                    help="score a candidate without training events (a cold item) as the mean of the vectors of its "
                         "K nearest trained candidates by multimodal-vector cosine, keeping its own item-age bias; "

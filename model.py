@@ -81,13 +81,14 @@ class ModelConfig:
     cold_ids: str = "mask"            # mask: items without a training event use id row 0 (features only); keep
     item_age: bool = False            # a learned score bias by item age (time since its first training event)
     cold_neighbors: int = 0           # a cold candidate scored as the mean of its K nearest trained items by content
+    age_unseen: str = "bias"          # item_age, training: an item first seen after a request is mask = no candidate; bias = one with a learned bias
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed, removed and moved fields
     # (checkpoint.config_from_dict). The data's sizes and feature switches live in DataConfig
     # (layout.py) only: earlier checkpoints also kept a copy here, which is dropped on load.
     LEGACY: ClassVar[dict] = {"item_tower": "mlp", "score": "cosine", "query_head": True, "use_type_emb": True,
-                              "use_user_token": True, "hstu_ffn": False, "cold_ids": "keep"}
+                              "use_user_token": True, "hstu_ffn": False, "cold_ids": "keep", "age_unseen": "mask"}
     RENAMED: ClassVar[dict] = {}
     REMOVED: ClassVar[dict] = {}
     MOVED: ClassVar[tuple] = ("maxlen", "num_users", "num_items", "user_sparse", "user_array", "item_sparse",
@@ -454,6 +455,10 @@ class GenerativeRecommender(nn.Module):
             self.register_buffer("item_first_seen", torch.full((data.num_items + 1,), -1, dtype=torch.long))
             self.register_buffer("age_ref", torch.zeros((), dtype=torch.long))
             self.age_bias = nn.Parameter(torch.zeros(AGE_BUCKETS))
+            if cfg.age_unseen == "bias":
+                # training only: the bias of an item at a request before its first training event
+                # (inference ages every item at age_ref, where none is unseen)
+                self.unseen_bias = nn.Parameter(torch.zeros(()))
         self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
@@ -550,16 +555,20 @@ class GenerativeRecommender(nn.Module):
         one row per distinct request day and copies rows, not an index per pair."""
         table, day_n, day_m, span = self.age_days(ids, ts)
         if ids.dim() != 1:
-            return table[day_n.unsqueeze(1) - day_m + span]
-        days, inv = torch.unique(day_n, return_inverse=True)                                       # [D], [N]
-        return table[days.unsqueeze(1) - day_m + span].index_select(0, inv)                       # [D, M] -> [N, M]
+            out = table[day_n.unsqueeze(1) - day_m + span]
+        else:
+            days, inv = torch.unique(day_n, return_inverse=True)                                   # [D], [N]
+            out = table[days.unsqueeze(1) - day_m + span].index_select(0, inv)                    # [D, M] -> [N, M]
+        if self.cfg.age_unseen == "bias":
+            out = torch.where(self.available(ids, ts), out, self.unseen_bias)
+        return out
 
     def available(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        """bool [N, M]: item ids [M] existed at request times ts [N] (first seen at or before it). An
-        item that training never shows is unavailable to every training request."""
+        """bool [N, M]: item ids [M] (or [N, K] -> [N, K]) existed at request times ts [N] (first seen
+        at or before it). An item that training never shows is unavailable to every training request."""
         first, known = self._first(ids)
         first = first.masked_fill(~known, torch.iinfo(torch.long).max)
-        return first.unsqueeze(0) <= ts.unsqueeze(1)
+        return (first.unsqueeze(0) if ids.dim() == 1 else first) <= ts.unsqueeze(1)
 
     def score_items(self, v: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors as inference scores them (see normalize), with item_age one more

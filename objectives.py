@@ -282,6 +282,8 @@ class Trainer(torch.nn.Module):
 
             def avail(ids):
                 return m.available(ids, pos_ts)
+            if m.cfg.age_unseen == "bias":
+                avail = None                     # unseen items stay candidates, with pair_bias's unseen bias
             pos_bias = bias(pos_ids.unsqueeze(1)).squeeze(1)
         pkg = pkg_ids = None
         hard, hard_ids = [], []
@@ -302,7 +304,8 @@ class Trainer(torch.nn.Module):
                 logits = (qn / tau.unsqueeze(1)) @ m.normalize(negs).T              # [N, num_items]
             else:
                 logits = (qn @ m.normalize(negs).T + bias(batch["neg_row"])) / tau.unsqueeze(1)
-                logits = logits.masked_fill(~avail(batch["neg_row"]), float("-inf"))
+                if avail is not None:
+                    logits = logits.masked_fill(~avail(batch["neg_row"]), float("-inf"))
             loss = F.cross_entropy(logits, pos_ids - 1, reduction="none")
             s_pos = logits.gather(1, (pos_ids - 1).unsqueeze(1)).squeeze(1) * tau
         else:

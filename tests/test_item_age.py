@@ -87,6 +87,61 @@ def test_pair_bias_is_the_bucket_of_each_request_age():
     assert m.pair_bias(ids.view(2, 3)[:1].expand(len(ts), 3), ts).tolist() == got[:, :3].tolist()
 
 
+def test_unseen_bias_against_a_naive_loop():
+    """--age_unseen bias: a pair whose item has no training event at or before the request (first
+    seen later, or never) takes the one unseen bias; every other pair its age bucket's bias."""
+    m = tiny_model(age_unseen="bias")
+    t0 = 100 * DAY + 3600
+    first = [-1, t0, t0 + DAY, t0 - 5 * DAY, -1, t0 + 3600, t0 - 70 * DAY, t0, t0]
+    m.set_first_seen(torch.tensor(first), t0 + 40 * DAY)
+    with torch.no_grad():
+        m.age_bias.copy_(torch.arange(M.AGE_BUCKETS, dtype=torch.float32))
+        m.unseen_bias.fill_(-7.0)
+    ts = torch.tensor([t0 + 40 * DAY, t0, t0 + 1800, t0 + 2 * DAY])
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, -1])
+    got = m.pair_bias(ids, ts).detach()
+    for n, t in enumerate(ts.tolist()):
+        for j, i in enumerate(ids.tolist()):
+            seen = 0 < i <= 8 and 0 <= first[i] <= t
+            assert float(got[n, j]) == (naive_bucket(first, i, ref=t) if seen else -7.0), (n, j)
+    assert (got == -7.0).any() and (got != -7.0).any()
+    assert m.pair_bias(ids[:3].expand(len(ts), 3), ts).tolist() == got[:, :3].tolist()
+
+
+def test_unseen_bias_at_minus_infinity_is_the_mask():
+    """The mask (--age_unseen mask) is the limit of the unseen bias: with it far below every score
+    the InfoNCE loss and gradients of the bias form equal the masked form's."""
+    g = torch.Generator().manual_seed(5)
+    N, S, d, items = 10, 6, 4, 8
+    first = torch.randint(0, 50 * DAY, (items + 1,), generator=g)
+    models = {kind: tiny_model(age_unseen=kind) for kind in ("mask", "bias")}
+    for m in models.values():
+        m.set_first_seen(first, int(first.max()) + DAY)
+        with torch.no_grad():
+            m.age_bias.copy_(torch.linspace(-0.5, 0.5, M.AGE_BUCKETS))
+    models["bias"].unseen_bias.data.fill_(-1e4)
+    q = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=-1)
+    pos = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=-1)
+    negs = F.normalize(torch.randn(S, d, generator=g, dtype=torch.float64), dim=-1)
+    pos_ids, neg_ids = torch.randint(1, items + 1, (N,), generator=g), torch.randint(1, items + 1, (S,), generator=g)
+    ts = first[pos_ids] + torch.randint(0, 20 * DAY, (N,), generator=g)
+    tau = torch.full((N,), 0.1, dtype=torch.float64)
+    out = {}
+    for kind, m in models.items():
+        qq = q.clone().requires_grad_()
+
+        def bias(ids, m=m):
+            return m.pair_bias(ids, ts).double()
+        loss, _ = objectives.info_nce(qq, pos, pos_ids, negs, neg_ids, tau, None, items, True, None,
+                                      available=(lambda ids, m=m: m.available(ids, ts)) if kind == "mask" else None,
+                                      bias=bias, pos_bias=bias(pos_ids.unsqueeze(1)).squeeze(1))
+        loss.sum().backward()
+        out[kind] = (loss.detach(), qq.grad)
+    assert not models["mask"].available(torch.cat([pos_ids, neg_ids]), ts).all()
+    torch.testing.assert_close(out["bias"][0], out["mask"][0])
+    torch.testing.assert_close(out["bias"][1], out["mask"][1])
+
+
 def test_available_against_a_naive_loop():
     m = tiny_model()
     first = [-1, 10, 20, 30, -1, 5, 50, 60, 70]
@@ -159,13 +214,14 @@ def test_first_seen_and_newest_event_against_a_sort(tmp_path):
     assert first.tolist() == want and end == max(r[5] for r in kept)
 
 
-def test_train_and_infer_with_item_age(tmp_path):
+@pytest.mark.parametrize("unseen", ["mask", "bias"])
+def test_train_and_infer_with_item_age(tmp_path, unseen):
     """main.py --item_age --cold_neighbors on a tiny demo world, then infer.py without any flag: the
-    first-seen times, reference time and bias travel in the checkpoint; the vectors carry one more
-    coordinate."""
+    first-seen times, reference time and bias (and --age_unseen's) travel in the checkpoint; the
+    vectors carry one more coordinate."""
     world, cache, run, paths = tiny_world(tmp_path)
-    sh("main.py", "--item_age", "--cold_neighbors", 3, "--num_epochs", 2, "--hidden_units", 16, "--num_workers", 0,
-       **paths)
+    sh("main.py", "--item_age", "--age_unseen", unseen, "--cold_neighbors", 3, "--num_epochs", 2, "--hidden_units", 16,
+       "--num_workers", 0, **paths)
     out = sh("infer.py", **paths)
     # --cold_neighbors travels in the checkpoint too: the eval pool's new items get neighbours
     n = int(re.search(r"cold candidates scored through their 3 nearest trained items: (\d+)", out).group(1))
@@ -174,6 +230,9 @@ def test_train_and_infer_with_item_age(tmp_path):
     first, ref = ck["model"]["item_first_seen"], int(ck["model"]["age_ref"])
     seen = first[first >= 0]
     assert len(seen) > 100 and int(seen.max()) <= ref and ck["model"]["age_bias"].abs().sum() > 0
+    assert ("unseen_bias" in ck["model"]) == (unseen == "bias")
+    if unseen == "bias":
+        assert float(ck["model"]["unseen_bias"]) < 0          # trained: such an item is never a target
     dim = np.fromfile(run / "res" / "embedding.fbin", dtype=np.int32, count=2)[1]
     assert dim == 17
     result = json.loads((run / "res" / "result.json").read_text())
