@@ -8,6 +8,8 @@ encoder output at each position, optionally told which action to predict next, i
 the next item; retrieval is by cosine similarity. With item_age, a learned bias by the item's age
 (time since its first training event, measured at the newest one) joins the score as one more
 vector coordinate: popularity in ad and news logs decays with age, and a cold item is the newest.
+In training an item first seen after a request is, for that request, either no candidate
+(age_unseen "mask") or a candidate with one learned bias of its own ("bias", the default).
 
 Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
@@ -552,7 +554,9 @@ class GenerativeRecommender(nn.Module):
         [N, M] work is one subtraction of day numbers and one lookup in a table of the bias by day
         difference (the buckets' log2 runs on that table only); an id without a training event
         counts as first seen on the last day. Requests share few days: the [N, M] form looks up
-        one row per distinct request day and copies rows, not an index per pair."""
+        one row per distinct request day and copies rows, not an index per pair. With age_unseen
+        "bias", a pair whose item is not yet available at the request (see available) takes
+        unseen_bias instead."""
         table, day_n, day_m, span = self.age_days(ids, ts)
         if ids.dim() != 1:
             out = table[day_n.unsqueeze(1) - day_m + span]
