@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from layout import (GAP_BUCKETS, ITEM_TOKEN, TZ_OFFSET, USER_TOKEN, DataConfig, DataError, LineReader, atomic_write,
+from layout import (GAP_BUCKETS, ITEM_TOKEN, RECENT_BUCKETS, RECENT_MID, TZ_OFFSET, USER_TOKEN, DataConfig, DataError, LineReader, atomic_write,
                     dump_json, file_fingerprint, iter_mm_vectors, load_pickle, mm_sources, own_folder,
                     parse_user_records, read_item_feat_dict, read_json, read_offsets, same_source, show_json,
                     sweep_temp, with_location)
@@ -757,6 +757,52 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
     last = (np.arange(len(keep_i)) - start) == n
     out[keep_i[last]] = keep_t[last]
     return (out, end) if with_end else out
+
+
+def recent_buckets(counts: np.ndarray, total, num_items: int) -> np.ndarray:
+    """uint8 buckets of item event counts in a window holding `total` events (an array of
+    totals broadcast against counts' last axis works too): 0 without an event, else
+    RECENT_MID + floor(log2(count / total * num_items)), clipped to 1..RECENT_BUCKETS - 1. A
+    share, not a count, so that windows of different volume (a training day, the events a
+    serving log holds) mean the same."""
+    counts = np.asarray(counts, np.float64)
+    share = counts / np.maximum(np.asarray(total, np.float64), 1) * max(num_items, 1)
+    with np.errstate(divide="ignore"):
+        b = np.floor(np.log2(np.where(counts > 0, share, 1.0))) + RECENT_MID
+    return np.where(counts > 0, np.clip(b, 1, RECENT_BUCKETS - 1), 0).astype(np.uint8)
+
+
+def daily_item_buckets(seq_path: str, offsets: list, cut: dict, num_items: int, first_day: int,
+                       last_day: int) -> np.ndarray:
+    """uint8 [num_items + 1, last_day - first_day + 1]: recent_buckets of each item's events on
+    each calendar day (UTC) of the training sequences, events of held-out slices excluded (see
+    holdout_last_clicks); day first_day is column 0. One streamed pass, counts accumulated per
+    chunk of lines."""
+    days = last_day - first_day + 1
+    counts = np.zeros((num_items + 1) * days, np.int32)
+    lines = LineReader(seq_path, offsets)
+    flat = []
+
+    def add():
+        if flat:
+            cell, n = np.unique(np.asarray(flat, np.int64), return_counts=True)
+            counts[cell] += n.astype(np.int32)
+            flat.clear()
+    for i in range(len(lines)):
+        try:
+            records, where = lines[i]
+            events = parse_user_records(records, where)[2]
+        except DataError:
+            continue                      # the training reader reports (or skips) bad lines itself
+        for item, _, _, ts in events[:cut.get(i, len(events))]:
+            d = ts // 86400 - first_day
+            if type(item) is int and 0 < item <= num_items and 0 <= d < days:
+                flat.append(item * days + d)
+        if len(flat) >= 1 << 20:
+            add()
+    add()
+    counts = counts.reshape(num_items + 1, days)
+    return recent_buckets(counts, counts.sum(0, keepdims=True), num_items)
 
 
 def dataset_has_timestamps(data_dir: str) -> bool:

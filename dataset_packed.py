@@ -185,6 +185,7 @@ class PredictSeqDataset(torch.utils.data.Dataset):
         s = with_location(where, self.builder.build, user, user_feat, events, False)
         s["_user"] = user if isinstance(user, str) else self.raw_user_of.get(user, str(user))
         s["_history"] = self.builder.item_rows([e[0] for e in events])
+        s["_history_ts"] = np.array([e[3] for e in events], np.int64)
         return s
 
 
@@ -248,7 +249,7 @@ def read_candidates(eval_dir: str, known=()) -> tuple:
 class HoldoutDataset(torch.utils.data.Dataset):
     """The validation slice held out of the training users (dataset.holdout_last_clicks): each
     sample is the user's history before the held-out click, built as at inference, with
-    `_target` (the clicked item's row) and `_history` (the history's item rows)."""
+    `_target` (the clicked item's row), `_ts` (its time) and `_history` (the history's item rows)."""
 
     def __init__(self, seq_path: str, offsets: list, cut: dict, builder):
         self.lines, self.cut, self.builder = LineReader(seq_path, offsets), cut, builder
@@ -265,6 +266,7 @@ class HoldoutDataset(torch.utils.data.Dataset):
         s = with_location(where, self.builder.build, user, user_feat, history, False)
         s["_history"] = self.builder.item_rows([e[0] for e in history])
         s["_target"] = int(with_location(where, self.builder.item_rows, [events[k][0]])[0])
+        s["_ts"] = int(events[k][3])
         return s
 
 

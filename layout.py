@@ -32,6 +32,9 @@ TZ_OFFSET = 8 * 3600
 GAP_BUCKETS = 32
 # Embedding rows of each calendar and gap feature (0 = padding).
 TIME_VOCAB = {"hour": 25, "weekday": 8, "week": 54, "gap_bucket": GAP_BUCKETS}
+# item_recent: bucket 0 = no event in the window; then one per doubling of the item's share of the
+# window's events, relative to an even share over the catalogue (RECENT_MID: exactly an even share)
+RECENT_BUCKETS, RECENT_MID = 16, 8
 # Largest id the readers accept: ids are stored as int64.
 MAX_ID = 2**63 - 1
 RECORD_LAYOUT = "[user_id, item_id, user_feat, item_feat, action_type, timestamp]"

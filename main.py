@@ -161,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
                         "mask = no candidate for that request (it did not exist yet: an ad before its launch); bias = "
                         "a candidate with one learned bias of its own (it existed, unrated: a film before its first "
                         "rating in the log)")
+    flag("--item_recent", False, "a learned score bias by the item's share of recent events: in training the share of "
+         "the calendar day before each request; at inference the share of the served histories' events in the day "
+         "after the training data ends (without any, the training's last day). Off without real timestamps")
     g.add_argument("--cold_neighbors", type=int, default=0,
                    help="score a candidate without training events (a cold item) as the mean of the vectors of its "
                         "K nearest trained candidates by multimodal-vector cosine, keeping its own item-age bias; "

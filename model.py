@@ -9,7 +9,12 @@ the next item; retrieval is by cosine similarity. With item_age, a learned bias 
 (time since its first training event, measured at the newest one) joins the score as one more
 vector coordinate: popularity in ad and news logs decays with age, and a cold item is the newest.
 In training an item first seen after a request is, for that request, either no candidate
-(age_unseen "mask") or a candidate with one learned bias of its own ("bias", the default).
+(age_unseen "mask") or a candidate with one learned bias of its own ("bias", the default). With
+item_recent, a learned bias by the item's share of recent events joins the same coordinate: in
+training the share of the calendar day before each request, at inference the share of the events
+the served histories hold in the day after the training data ends (the training's last day
+without any), so
+a new item that users have already met on the serving side is not scored as unknown.
 
 Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
@@ -34,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from layout import CLICK, ITEM_TOKEN, PAD, TIME_VOCAB, USER_TOKEN, DataConfig
+from layout import CLICK, ITEM_TOKEN, PAD, RECENT_BUCKETS, TIME_VOCAB, USER_TOKEN, DataConfig
 
 # item_age: under a day, then one bucket per doubling of days (the last: 2^14 days and older)
 AGE_BUCKETS = 16
@@ -84,6 +89,7 @@ class ModelConfig:
     item_age: bool = False            # a learned score bias by item age (time since its first training event)
     cold_neighbors: int = 0           # a cold candidate scored as the mean of its K nearest trained items by content
     age_unseen: str = "bias"          # item_age, training: an item first seen after a request is mask = no candidate; bias = one with a learned bias
+    item_recent: bool = False         # a learned score bias by the item's share of recent events (the day before a request)
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed, removed and moved fields
@@ -461,6 +467,17 @@ class GenerativeRecommender(nn.Module):
                 # training only: the bias of an item at a request before its first training event
                 # (inference ages every item at age_ref, where none is unseen)
                 self.unseen_bias = nn.Parameter(torch.zeros(()))
+        if cfg.item_recent:
+            # Set by the trainer: each item's bucket (dataset.recent_buckets) on each training day,
+            # column 0 the day before the first (training only, rebuilt from the data, not saved);
+            # and, saved, the newest training event and the buckets of its day, which inference
+            # scores when the served histories hold no later event.
+            self.register_buffer("recent_days", torch.zeros((data.num_items + 1, 1), dtype=torch.uint8),
+                                 persistent=False)
+            self.recent_first_day = 0
+            self.register_buffer("recent_ref", torch.zeros((), dtype=torch.long))
+            self.register_buffer("recent_bucket", torch.zeros(data.num_items + 1, dtype=torch.uint8))
+            self.recent_bias = nn.Parameter(torch.zeros(RECENT_BUCKETS))
         self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
@@ -515,6 +532,47 @@ class GenerativeRecommender(nn.Module):
             seen = first_seen[first_seen >= 0]
             self._days = (int(seen.min()) // 86400 if len(seen) else int(ref) // 86400, int(ref) // 86400)
 
+    def set_recent(self, days: torch.Tensor, first_day: int, ref: int) -> None:
+        """days: uint8 [num_items + 1, D], each item's bucket on each calendar day from first_day
+        (dataset.daily_item_buckets); ref: the newest training event (Unix seconds), on the last day."""
+        if self.cfg.item_recent:
+            dev = self.recent_bucket.device
+            self.recent_days = torch.cat([torch.zeros_like(days[:, :1]), days], 1).to(dev)    # [n + 1, D + 1]
+            self.recent_first_day = int(first_day)
+            self.recent_ref.fill_(int(ref))
+            self.recent_bucket.copy_(days[:, -1].to(dev))
+
+    def has_pair_bias(self) -> bool:
+        """Whether scores carry a bias coordinate (item_age, item_recent)."""
+        return self.cfg.item_age or self.cfg.item_recent
+
+    def recent_pair(self, ids: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """Recent-activity bias of item ids at request times ts [N], from each item's bucket on
+        the calendar day before the request's: ids [M] -> [N, M], ids [N, K] -> [N, K]. Items
+        beyond the table and days outside the training data take bucket 0 (no event)."""
+        n, width = self.recent_days.shape
+        if ids.dim() != 1:
+            col = (torch.div(ts, 86400, rounding_mode="floor") - self.recent_first_day).clamp(0, width - 1)   # [N]
+            b = self.recent_days[ids.clamp(0, n - 1), col.unsqueeze(1)] * ((ids > 0) & (ids < n))          # [N, K]
+            return self.recent_bias[b.long()]
+        days, inv = torch.unique(torch.div(ts, 86400, rounding_mode="floor"), return_inverse=True)        # [D], [N]
+        return self._recent_rows(ids, days).index_select(0, inv)                                         # [N, M]
+
+    def _recent_rows(self, ids: torch.Tensor, days: torch.Tensor) -> torch.Tensor:
+        """[D, M]: the recent-activity bias of item ids [M] for requests on calendar days [D]."""
+        n, width = self.recent_days.shape
+        col = (days - self.recent_first_day).clamp(0, width - 1)                                       # [D]
+        b = self.recent_days[ids.clamp(0, n - 1)][:, col] * ((ids > 0) & (ids < n)).unsqueeze(1)        # [M, D]
+        return self.recent_bias[b.t().long()]                                                         # [D, M]
+
+    def recent_of(self, ids: torch.Tensor, buckets: torch.Tensor = None) -> torch.Tensor:
+        """Inference's recent-activity bias of item ids: their buckets (default: the training's
+        last day; an id beyond the table has bucket 0) -> bias, the shape of ids."""
+        if buckets is None:
+            n = len(self.recent_bucket)
+            buckets = self.recent_bucket[ids.clamp(0, n - 1)] * ((ids > 0) & (ids < n))
+        return self.recent_bias[buckets.long()]
+
     def _first(self, ids: torch.Tensor) -> tuple:
         """(first training event of item ids, whether the id has one)."""
         n = len(self.item_first_seen)
@@ -556,13 +614,22 @@ class GenerativeRecommender(nn.Module):
         counts as first seen on the last day. Requests share few days: the [N, M] form looks up
         one row per distinct request day and copies rows, not an index per pair. With age_unseen
         "bias", a pair whose item is not yet available at the request (see available) takes
-        unseen_bias instead."""
-        table, day_n, day_m, span = self.age_days(ids, ts)
+        unseen_bias instead. With item_recent, each pair's recent-activity bias (recent_pair) is
+        added; without item_age it is the whole bias."""
+        if not self.cfg.item_age:
+            return self.recent_pair(ids, ts)
         if ids.dim() != 1:
+            table, day_n, day_m, span = self.age_days(ids, ts)
             out = table[day_n.unsqueeze(1) - day_m + span]
+            if self.cfg.item_recent:
+                out = out + self.recent_pair(ids, ts)
         else:
-            days, inv = torch.unique(day_n, return_inverse=True)                                   # [D], [N]
-            out = table[days.unsqueeze(1) - day_m + span].index_select(0, inv)                    # [D, M] -> [N, M]
+            days, inv = torch.unique(torch.div(ts, 86400, rounding_mode="floor"), return_inverse=True)    # [D], [N]
+            table, day_d, day_m, span = self.age_days(ids, days * 86400)
+            rows = table[day_d.unsqueeze(1) - day_m + span]                                          # [D, M]
+            if self.cfg.item_recent:
+                rows = rows + self._recent_rows(ids, days)
+            out = rows.index_select(0, inv)                                                          # [D, M] -> [N, M]
         if self.cfg.age_unseen == "bias":
             out = torch.where(self.available(ids, ts), out, self.unseen_bias)
         return out
@@ -578,21 +645,27 @@ class GenerativeRecommender(nn.Module):
         """Item vectors as inference scores them (see normalize), with item_age one more
         coordinate: the item's age bias at age_ref, which the query's constant last coordinate adds
         to every score. So the bias is part of the vectors every retrieval backend ranks by.
-        Training adds each pair's bias at its request time instead (pair_bias)."""
+        Training adds each pair's bias at its request time instead (pair_bias). With item_recent
+        the coordinate adds the item's recent-activity bias on the training's last day (export
+        replaces it where served histories hold later events)."""
         v = self.normalize(v)
-        if not self.cfg.item_age:
+        if not self.has_pair_bias():
             return v
-        return torch.cat([v, self.age_bias[self.age_bucket(ids)].unsqueeze(-1).to(v.dtype)], -1)   # [..., d + 1]
+        bias = self.age_bias[self.age_bucket(ids)] if self.cfg.item_age else torch.zeros(ids.shape, device=v.device)
+        if self.cfg.item_recent:
+            bias = bias + self.recent_of(ids)
+        return torch.cat([v, bias.unsqueeze(-1).to(v.dtype)], -1)                                  # [..., d + 1]
 
     def score_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """Query vectors as inference scores them: normalised, with item_age a last coordinate of 1."""
+        """Query vectors as inference scores them: normalised, with item_age or item_recent a last
+        coordinate of 1."""
         q = self.normalize(q)
-        return torch.cat([q, torch.ones_like(q[..., :1])], -1) if self.cfg.item_age else q
+        return torch.cat([q, torch.ones_like(q[..., :1])], -1) if self.has_pair_bias() else q
 
     @property
     def vector_dim(self) -> int:
         """Width of the vectors retrieval ranks (user_vectors, item_vectors)."""
-        return self.cfg.hidden_units + int(self.cfg.item_age)
+        return self.cfg.hidden_units + int(self.has_pair_bias())
 
     @staticmethod
     def _sub(batch, prefix):

@@ -130,7 +130,7 @@ def info_nce(q, pos, pos_ids, negs, neg_ids, tau, log_pop=None, num_items=0, in_
     available (item ids [M] -> bool [N, M]): the candidates each target's request could have been
     shown; the rest are masked like hits (item_age: an item first seen after the request).
     bias (item ids [M] -> [N, M], or [N, K] -> [N, K]) and pos_bias [N]: added to each dot product
-    before the temperature (item_age: the item's age bias at the request's time).
+    before the temperature (item_age, item_recent: the item's bias at the request's time).
 
     fused (CPU, no autocast, no row_negs): the same numbers through _InfoNCE's single buffer;
     False: the plain autograd form.
@@ -274,7 +274,7 @@ class Trainer(torch.nn.Module):
         qn = m.normalize(q)
         posn = None if fast else m.normalize(pos)
         bias = pos_bias = avail = None
-        if m.cfg.item_age:
+        if m.has_pair_bias():
             pos_ts = batch["pos_ts"][valid]
 
             def bias(ids):
@@ -282,7 +282,7 @@ class Trainer(torch.nn.Module):
 
             def avail(ids):
                 return m.available(ids, pos_ts)
-            if m.cfg.age_unseen == "bias":
+            if m.cfg.age_unseen == "bias" or not m.cfg.item_age:
                 avail = None                     # unseen items stay candidates, with pair_bias's unseen bias
             pos_bias = bias(pos_ids.unsqueeze(1)).squeeze(1)
         pkg = pkg_ids = None

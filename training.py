@@ -235,9 +235,9 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
         loop.skip_bad_records, rank_packages=obj.use_rankloss or obj.rank_pkg_as_neg, keep_items=obj.use_hard_neg,
         sid_dir=sid_dir)
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    if cfg.model.item_age and not D.dataset_has_timestamps(paths["data"]):
-        say("notice: this dataset has no real timestamps; the item-age bias switched off")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_age=False))
+    if (cfg.model.item_age or cfg.model.item_recent) and not D.dataset_has_timestamps(paths["data"]):
+        say("notice: this dataset has no real timestamps; the item-age and recent-activity biases switched off")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_age=False, item_recent=False))
     if cfg.model.cold_neighbors and not data_cfg.mm_emb_id:
         say("notice: --cold_neighbors compares multimodal vectors, and this run reads none: switched off")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cold_neighbors=0))
@@ -274,9 +274,14 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
         s.model.set_trained_items(torch.from_numpy(until < D.NEVER), torch.from_numpy(until))
     else:
         s.model.set_trained_items(torch.from_numpy(s.trained))
-    if cfg.model.item_age:
+    if cfg.model.item_age or cfg.model.item_recent:
         first, end = D.young_until(seq_path, offsets, cut, data_cfg.num_items, 0, with_end=True)
         s.model.set_first_seen(torch.from_numpy(np.where(first < D.NEVER, first, -1)), end)
+        if cfg.model.item_recent:
+            seen = first[first < D.NEVER]
+            lo, hi = (int(seen.min()) // 86400 if len(seen) else end // 86400), end // 86400
+            days = D.daily_item_buckets(seq_path, offsets, cut, data_cfg.num_items, lo, hi)
+            s.model.set_recent(torch.from_numpy(days), lo, end)
     return s
 
 
