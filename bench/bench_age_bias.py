@@ -1,7 +1,8 @@
 """The item-age pair bias at a training step's size: forward and backward of model.pair_bias as
 it is (one table row per distinct request day, rows copied to the requests) beside the per-pair
 form it replaced (one table index computed and gathered for every request-candidate pair; its
-backward scatters every pair's gradient into the small table), in the same process.
+backward scatters every pair's gradient into the small table), in the same process, and the
+current form with --item_recent's recent-activity rows added.
 
     python bench/bench_age_bias.py [--requests 5000] [--candidates 2560] [--days 30] [--repeats 15]
 
@@ -11,6 +12,7 @@ here before timing). Times are medians of --repeats, interleaved; the ratio is w
 a shared machine.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -45,7 +47,8 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = M.ModelConfig(hidden_units=8, num_heads=1, dqk=8, dv=8, feat_dim=8, item_age=True)
+    # age_unseen "mask": the bias is then the age rows alone, what per_pair computes
+    cfg = M.ModelConfig(hidden_units=8, num_heads=1, dqk=8, dv=8, feat_dim=8, item_age=True, age_unseen="mask")
     model = M.GenerativeRecommender(cfg, M.DataConfig(maxlen=4, num_users=2, num_items=a.items))
     t0 = 1_700_000_000
     first = torch.randint(t0, t0 + a.days * DAY, (a.items + 1,))
@@ -56,12 +59,19 @@ def main(argv=None):
     ts = torch.randint(t0, t0 + a.days * DAY, (a.requests,))
     ids = torch.randint(1, a.items + 1, (a.candidates,))
     assert torch.equal(per_pair(model, ids, ts), model.pair_bias(ids, ts))
+    # the same with --item_recent: its rows join the age rows before the copy to the requests
+    recent = M.GenerativeRecommender(dataclasses.replace(cfg, item_recent=True), model.data)
+    recent.load_state_dict(model.state_dict(), strict=False)
+    recent.set_first_seen(first, t0 + a.days * DAY)
+    recent.set_recent(torch.randint(0, M.RECENT_BUCKETS, (a.items + 1, a.days + 1), dtype=torch.uint8),
+                      t0 // DAY, t0 + a.days * DAY)
     forms = {"per-pair gather (before)": lambda: per_pair(model, ids, ts),
-             "row per request day (now)": lambda: model.pair_bias(ids, ts)}
+             "row per request day (now)": lambda: model.pair_bias(ids, ts),
+             "row per request day, + --item_recent": lambda: recent.pair_bias(ids, ts)}
     times = {k: [] for k in forms}
     for _ in range(a.repeats):
         for name, f in forms.items():
-            model.age_bias.grad = None
+            model.age_bias.grad = recent.age_bias.grad = recent.recent_bias.grad = None
             t = time.perf_counter()
             f().sum().backward()
             times[name].append(time.perf_counter() - t)
