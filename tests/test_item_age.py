@@ -237,3 +237,13 @@ def test_train_and_infer_with_item_age(tmp_path, unseen):
     assert dim == 17
     result = json.loads((run / "res" / "result.json").read_text())
     assert len(result["top10s"]) == 60 and all(len(t) == 10 for t in result["top10s"])
+
+
+def test_age_bias_bench_checks_its_forms_agree(capsys):
+    """bench/bench_age_bias.py checks the per-pair gather against pair_bias before timing: the
+    check must hold (it once broke silently when the default became age_unseen bias)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_age_bias
+    bench_age_bias.main(["--requests", "40", "--candidates", "30", "--items", "25", "--days", "5",
+                         "--repeats", "1", "--no_record"])
+    assert "+ --item_recent" in capsys.readouterr().out
