@@ -349,21 +349,32 @@ def split_metrics(ranks: np.ndarray, cold: np.ndarray, ks) -> dict:
     return out
 
 
-def recent_variants(model, c: np.ndarray, ids: np.ndarray, ts: np.ndarray):
-    """item_recent on the held-out slice, whose requests lie anywhere in the training period:
-    each request is scored with the candidates' recent-activity bias of the calendar day before
-    it, as training scores it, not with the training's last day's (inference's requests come
-    after the training data, with the served histories' shares). Yields (request indices,
-    candidate matrix), one per request day."""
-    dev = model.recent_bias.device
+# The score coordinate, on the held-out slice, of an item not yet available at a request under
+# age_unseen "mask" (training does not show it to that request): below every real score.
+UNAVAILABLE = -1e4
+
+
+def request_variants(model, c: np.ndarray, ids: np.ndarray, ts: np.ndarray):
+    """item_age / item_recent on the held-out slice, whose requests lie anywhere in the training
+    period: each request is scored with the bias training gives it (the item's age at the
+    request, its recent activity on the day before; an item first seen later takes the unseen
+    bias, or is no candidate under age_unseen "mask"), not the one inference folds at the newest
+    training event (inference's requests come after the training data). Requests are grouped
+    by calendar day, each group at its latest request time. Yields (request indices, candidate
+    matrix), one per request day."""
+    dev = next(model.parameters()).device
     idt = torch.from_numpy(ids).to(dev)
+    day = ts // 86400
     with torch.no_grad():
-        base = model.recent_of(idt).float().cpu().numpy()
-        for day in np.unique(ts // 86400):
-            shift = model.recent_pair(idt, torch.tensor([int(day) * 86400], device=dev))[0].float().cpu().numpy()
+        for d in np.unique(day):
+            idx = np.flatnonzero(day == d)
+            t = torch.tensor([int(ts[idx].max())], device=dev)
+            b = model.pair_bias(idt, t)[0]
+            if model.cfg.item_age and model.cfg.age_unseen == "mask":
+                b = torch.where(model.available(idt, t)[0], b, torch.full_like(b, UNAVAILABLE))
             cg = c.copy()
-            cg[:, -1] += shift - base
-            yield np.flatnonzero(ts // 86400 == day), cg
+            cg[:, -1] = b.float().cpu().numpy()
+            yield idx, cg
 
 
 def _by_mask(q, c, target, exclude, mask_history, ks, missing=0, cold=None, variants=None) -> dict:
@@ -371,7 +382,7 @@ def _by_mask(q, c, target, exclude, mask_history, ks, missing=0, cold=None, vari
     `missing` more users count as misses (warm ones); cold: bool per target, True where the
     target item has no training event (adds the cold/warm split, see split_metrics). variants:
     a function yielding (query indices, candidate matrix) pairs that cover every query once,
-    each group ranked against its own matrix (see recent_variants)."""
+    each group ranked against its own matrix (see request_variants)."""
     if cold is not None:
         cold = np.concatenate([np.asarray(cold, bool), np.zeros(missing, bool)])
 
@@ -435,9 +446,9 @@ def holdout_metrics(model, table: D.ItemTable, ds, num_items: int, device, ks=(1
     target = np.asarray(ex["_target"], np.int64) - 1                     # row r is candidate r - 1
     cold = None if trained is None else ~trained[target + 1]
     variants = None
-    if model.cfg.item_recent:
+    if model.has_pair_bias():
         def variants():
-            return recent_variants(model, c, np.arange(1, num_items + 1), np.asarray(ex["_ts"], np.int64))
+            return request_variants(model, c, np.arange(1, num_items + 1), np.asarray(ex["_ts"], np.int64))
     return _by_mask(q, c, target, [np.unique(h[h > 0]) - 1 for h in ex["_history"]], None, ks, cold=cold,
                     variants=variants)
 

@@ -247,3 +247,34 @@ def test_age_bias_bench_checks_its_forms_agree(capsys):
     bench_age_bias.main(["--requests", "40", "--candidates", "30", "--items", "25", "--days", "5",
                          "--repeats", "1", "--no_record"])
     assert "+ --item_recent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("unseen", ["mask", "bias"])
+def test_holdout_scores_each_request_at_its_own_age(unseen):
+    """validation.request_variants: a held-out request (inside the training period) is scored with
+    each item's age at that request's day, as training scores it, not at the newest training
+    event; an item first seen later takes the unseen bias, or sinks below every score (mask)."""
+    import validation as V
+    m = tiny_model(age_unseen=unseen)
+    t0 = 200 * DAY
+    first = [-1, t0, t0 + 3 * DAY, t0 - 9 * DAY, t0 + 20 * DAY, t0 - 40 * DAY, -1, t0 + DAY, t0 - DAY]
+    m.set_first_seen(torch.tensor(first), t0 + 30 * DAY)
+    with torch.no_grad():
+        m.age_bias.copy_(torch.arange(M.AGE_BUCKETS, dtype=torch.float32) * 0.25)
+        if unseen == "bias":
+            m.unseen_bias.fill_(-3.0)
+    ids = np.arange(1, 9)
+    c = np.random.default_rng(0).normal(size=(8, 9)).astype(np.float32)
+    ts = np.array([t0 + 5 * DAY + 60, t0 + 3600, t0 + 5 * DAY + 7200, t0 + 29 * DAY])
+    seen = []
+    for idx, cg in V.request_variants(m, c, ids, ts):
+        t = int(ts[idx].max())
+        assert len(set(ts[idx] // DAY)) == 1 and np.array_equal(cg[:, :-1], c[:, :-1])
+        for j, i in enumerate(ids):
+            if 0 <= first[i] <= t:
+                want = 0.25 * naive_bucket(first, int(i), ref=t)
+            else:
+                want = -3.0 if unseen == "bias" else V.UNAVAILABLE
+            assert abs(float(cg[j, -1]) - want) < 1e-6, (t, i)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(ts)))

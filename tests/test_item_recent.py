@@ -164,7 +164,7 @@ def test_train_and_infer_with_item_recent(tmp_path):
 
 
 def test_holdout_ranks_each_request_with_the_day_before_it():
-    """recent_variants through _by_mask: each held-out request ranked against the candidates'
+    """request_variants through _by_mask: each held-out request ranked against the candidates'
     bias of the day before it, against a naive full score matrix with that bias per pair."""
     m = tiny_model()
     rng = np.random.default_rng(3)
@@ -191,7 +191,7 @@ def test_holdout_ranks_each_request_with_the_day_before_it():
     for u in range(7):           # one request at a time: HR@1..8 pin its rank down
         ks = tuple(range(1, 9))
         got = V._by_mask(q[u:u + 1], c, target[u:u + 1], None, False, ks,
-                         variants=lambda u=u: V.recent_variants(m, c, ids, ts[u:u + 1]))
+                         variants=lambda u=u: V.request_variants(m, c, ids, ts[u:u + 1]))
         assert got == E.metrics_from_ranks(np.array(want[u:u + 1]), ks), u
     last_day = V.target_ranks(q, c, target)
     assert last_day.tolist() != want        # the training's last day would rank them otherwise
