@@ -712,6 +712,22 @@ def trained_items(counts: np.ndarray, seq_path: str, offsets: list, cut: dict) -
     return out
 
 
+def kept_item_events(seq_path: str, offsets: list, cut: dict, num_items: int):
+    """Per line of seq.jsonl, the (item re-id, timestamp) of its events that training keeps:
+    events of held-out slices excluded (cut: events[k:] of those lines, see holdout_last_clicks),
+    items outside 1..num_items and unreadable lines skipped (the training reader reports or skips
+    bad lines itself)."""
+    lines = LineReader(seq_path, offsets)
+    for i in range(len(lines)):
+        try:
+            records, where = lines[i]
+            events = parse_user_records(records, where)[2]
+        except DataError:
+            continue
+        yield [(item, ts) for item, _, _, ts in events[:cut.get(i, len(events))]
+               if type(item) is int and 0 < item <= num_items]
+
+
 NEVER = np.iinfo(np.int64).max
 
 
@@ -724,7 +740,6 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
     the newest item event's timestamp (0 without any). One streamed pass; per item at most n + 1
     timestamps are kept, merged chunk by chunk."""
     end = 0
-    lines = LineReader(seq_path, offsets)
     keep_i, keep_t = np.zeros(0, np.int64), np.zeros(0, np.int64)
     buf_i, buf_t = [], []
 
@@ -738,17 +753,11 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
         buf_i.clear()
         buf_t.clear()
         return it[sel], tt[sel]
-    for i in range(len(lines)):
-        try:
-            records, where = lines[i]
-            events = parse_user_records(records, where)[2]
-        except DataError:
-            continue                      # the training reader reports (or skips) bad lines itself
-        for item, _, _, ts in events[:cut.get(i, len(events))]:
-            if type(item) is int and 0 < item <= num_items:
-                buf_i.append(item)
-                buf_t.append(ts)
-                end = max(end, ts)
+    for events in kept_item_events(seq_path, offsets, cut, num_items):
+        for item, ts in events:
+            buf_i.append(item)
+            buf_t.append(ts)
+            end = max(end, ts)
         if len(buf_i) >= chunk:
             keep_i, keep_t = merge(keep_i, keep_t)
     keep_i, keep_t = merge(keep_i, keep_t)
@@ -780,7 +789,6 @@ def daily_item_buckets(seq_path: str, offsets: list, cut: dict, num_items: int, 
     chunk of lines."""
     days = last_day - first_day + 1
     counts = np.zeros((num_items + 1) * days, np.int32)
-    lines = LineReader(seq_path, offsets)
     flat = []
 
     def add():
@@ -788,15 +796,10 @@ def daily_item_buckets(seq_path: str, offsets: list, cut: dict, num_items: int, 
             cell, n = np.unique(np.asarray(flat, np.int64), return_counts=True)
             counts[cell] += n.astype(np.int32)
             flat.clear()
-    for i in range(len(lines)):
-        try:
-            records, where = lines[i]
-            events = parse_user_records(records, where)[2]
-        except DataError:
-            continue                      # the training reader reports (or skips) bad lines itself
-        for item, _, _, ts in events[:cut.get(i, len(events))]:
+    for events in kept_item_events(seq_path, offsets, cut, num_items):
+        for item, ts in events:
             d = ts // 86400 - first_day
-            if type(item) is int and 0 < item <= num_items and 0 <= d < days:
+            if 0 <= d < days:
                 flat.append(item * days + d)
         if len(flat) >= 1 << 20:
             add()
