@@ -13,8 +13,8 @@ In training an item first seen after a request is, for that request, either no c
 item_recent, a learned bias by the item's share of recent events joins the same coordinate: in
 training the share of the calendar day before each request, at inference the share of the events
 the served histories hold in the day after the training data ends (the training's last day
-without any), so
-a new item that users have already met on the serving side is not scored as unknown.
+without any), so a new item that users have already met on the serving side is not scored as
+unknown.
 
 Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
