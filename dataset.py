@@ -731,15 +731,12 @@ def kept_item_events(seq_path: str, offsets: list, cut: dict, num_items: int):
 NEVER = np.iinfo(np.int64).max
 
 
-def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int, chunk: int = 1 << 20,
-                with_end: bool = False):
+def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int, chunk: int = 1 << 20):
     """int64 [num_items + 1]: the timestamp of each item's (n+1)-th event in the training
     sequences (events of held-out slices excluded, see holdout_last_clicks), NEVER when it has at
     most n. An event of the item strictly before that time is one of its first n: the item is
-    new then (SequenceBuilder marks it young). n = 0: each item's first event. with_end: also
-    the newest item event's timestamp (0 without any). One streamed pass; per item at most n + 1
-    timestamps are kept, merged chunk by chunk."""
-    end = 0
+    new then (SequenceBuilder marks it young). n = 0: each item's first event. One streamed
+    pass; per item at most n + 1 timestamps are kept, merged chunk by chunk."""
     keep_i, keep_t = np.zeros(0, np.int64), np.zeros(0, np.int64)
     buf_i, buf_t = [], []
 
@@ -757,7 +754,6 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
         for item, ts in events:
             buf_i.append(item)
             buf_t.append(ts)
-            end = max(end, ts)
         if len(buf_i) >= chunk:
             keep_i, keep_t = merge(keep_i, keep_t)
     keep_i, keep_t = merge(keep_i, keep_t)
@@ -765,7 +761,7 @@ def young_until(seq_path: str, offsets: list, cut: dict, num_items: int, n: int,
     start = np.searchsorted(keep_i, keep_i, side="left")
     last = (np.arange(len(keep_i)) - start) == n
     out[keep_i[last]] = keep_t[last]
-    return (out, end) if with_end else out
+    return out
 
 
 def recent_buckets(counts: np.ndarray, total, num_items: int) -> np.ndarray:
@@ -781,31 +777,56 @@ def recent_buckets(counts: np.ndarray, total, num_items: int) -> np.ndarray:
     return np.where(counts > 0, np.clip(b, 1, RECENT_BUCKETS - 1), 0).astype(np.uint8)
 
 
-def daily_item_buckets(seq_path: str, offsets: list, cut: dict, num_items: int, first_day: int,
-                       last_day: int) -> np.ndarray:
-    """uint8 [num_items + 1, last_day - first_day + 1]: recent_buckets of each item's events on
-    each calendar day (UTC) of the training sequences, events of held-out slices excluded (see
-    holdout_last_clicks); day first_day is column 0. One streamed pass, counts accumulated per
-    chunk of lines."""
-    days = last_day - first_day + 1
-    counts = np.zeros((num_items + 1) * days, np.int32)
-    flat = []
+def item_time_stats(seq_path: str, offsets: list, cut: dict, num_items: int, daily: bool = True,
+                    chunk: int = 1 << 20) -> tuple:
+    """One streamed pass over the events training keeps (see kept_item_events) -> (first, end,
+    days, first_day): int64 [num_items + 1] each item's first event (NEVER without one); the
+    newest event's timestamp (0 without any); with daily, uint8 [num_items + 1, D] the
+    recent_buckets of each item's events on each calendar day (UTC) from first_day, the day of
+    the earliest first event, to the day of `end` (None, first_day None without daily). Counts
+    are kept per calendar day met, [num_items + 1] int32 each, so the day range need not be known
+    before the pass: the memory of the dense table, and one JSON parse of seq.jsonl instead of one
+    for the first events and one for the days."""
+    first = np.full(num_items + 1, NEVER, np.int64)
+    end = 0
+    by_day = {}
+    buf_i, buf_t = [], []
 
     def add():
-        if flat:
-            cell, n = np.unique(np.asarray(flat, np.int64), return_counts=True)
-            counts[cell] += n.astype(np.int32)
-            flat.clear()
+        nonlocal end
+        if not buf_i:
+            return
+        it, tt = np.asarray(buf_i, np.int64), np.asarray(buf_t, np.int64)
+        buf_i.clear()
+        buf_t.clear()
+        np.minimum.at(first, it, tt)
+        end = max(end, int(tt.max()))
+        if daily:
+            day = tt // 86400
+            order = np.argsort(day, kind="stable")
+            day, it = day[order], it[order]
+            cuts = np.flatnonzero(np.diff(day)) + 1
+            for d, items in zip(day[np.concatenate([[0], cuts])].tolist(), np.split(it, cuts)):
+                col = by_day.get(d)
+                if col is None:
+                    col = by_day[d] = np.zeros(num_items + 1, np.int32)
+                col += np.bincount(items, minlength=num_items + 1).astype(np.int32)
     for events in kept_item_events(seq_path, offsets, cut, num_items):
         for item, ts in events:
-            d = ts // 86400 - first_day
-            if 0 <= d < days:
-                flat.append(item * days + d)
-        if len(flat) >= 1 << 20:
+            buf_i.append(item)
+            buf_t.append(ts)
+        if len(buf_i) >= chunk:
             add()
     add()
-    counts = counts.reshape(num_items + 1, days)
-    return recent_buckets(counts, counts.sum(0, keepdims=True), num_items)
+    if not daily:
+        return first, end, None, None
+    seen = first[first < NEVER]
+    lo, hi = (int(seen.min()) // 86400 if len(seen) else end // 86400), end // 86400
+    counts = np.zeros((num_items + 1, hi - lo + 1), np.int32)
+    for d, col in by_day.items():
+        if lo <= d <= hi:
+            counts[:, d - lo] = col
+    return first, end, recent_buckets(counts, counts.sum(0, keepdims=True), num_items), lo
 
 
 def dataset_has_timestamps(data_dir: str) -> bool:

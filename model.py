@@ -534,7 +534,7 @@ class GenerativeRecommender(nn.Module):
 
     def set_recent(self, days: torch.Tensor, first_day: int, ref: int) -> None:
         """days: uint8 [num_items + 1, D], each item's bucket on each calendar day from first_day
-        (dataset.daily_item_buckets); ref: the newest training event (Unix seconds), on the last day."""
+        (dataset.item_time_stats); ref: the newest training event (Unix seconds), on the last day."""
         if self.cfg.item_recent:
             dev = self.recent_bucket.device
             self.recent_days = torch.cat([torch.zeros_like(days[:, :1]), days], 1).to(dev)    # [n + 1, D + 1]

@@ -275,12 +275,9 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     else:
         s.model.set_trained_items(torch.from_numpy(s.trained))
     if cfg.model.item_age or cfg.model.item_recent:
-        first, end = D.young_until(seq_path, offsets, cut, data_cfg.num_items, 0, with_end=True)
+        first, end, days, lo = D.item_time_stats(seq_path, offsets, cut, data_cfg.num_items, cfg.model.item_recent)
         s.model.set_first_seen(torch.from_numpy(np.where(first < D.NEVER, first, -1)), end)
         if cfg.model.item_recent:
-            seen = first[first < D.NEVER]
-            lo, hi = (int(seen.min()) // 86400 if len(seen) else end // 86400), end // 86400
-            days = D.daily_item_buckets(seq_path, offsets, cut, data_cfg.num_items, lo, hi)
             s.model.set_recent(torch.from_numpy(days), lo, end)
     return s
 

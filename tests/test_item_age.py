@@ -209,9 +209,12 @@ def test_first_seen_and_newest_event_against_a_sort(tmp_path):
     cut = {2: 1, 7: 3}
     kept = [rec for line, r in enumerate(rows) for rec in r[:cut.get(line, len(r))]]
     offsets = write_seq(tmp_path / "seq.jsonl", rows)
-    first, end = D.young_until(str(tmp_path / "seq.jsonl"), offsets, cut, 14, 0, chunk=5, with_end=True)
     want = [min((r[5] for r in kept if r[1] == i), default=D.NEVER) for i in range(15)]
-    assert first.tolist() == want and end == max(r[5] for r in kept)
+    for daily in (False, True):
+        first, end, _, _ = D.item_time_stats(str(tmp_path / "seq.jsonl"), offsets, cut, 14, daily, chunk=5)
+        assert first.tolist() == want and end == max(r[5] for r in kept)
+    # as the item-age path read them before (the first of the first-n events)
+    assert D.young_until(str(tmp_path / "seq.jsonl"), offsets, cut, 14, 0, chunk=5).tolist() == want
 
 
 @pytest.mark.parametrize("unseen", ["mask", "bias"])

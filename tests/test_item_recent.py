@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,19 +48,23 @@ def test_recent_buckets_hand_computed():
     assert D.recent_buckets(np.array([10**6]), 10**6, 10**9).tolist() == [15]
 
 
-def test_daily_item_buckets_against_a_naive_count(tmp_path):
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_first_events_and_daily_buckets_against_a_naive_count(tmp_path, chunk):
     rng = np.random.default_rng(2)
     day0 = 20_000
     rows = []
     for u in range(1, 40):
         ts = np.sort(rng.integers(day0 * DAY, (day0 + 6) * DAY, int(rng.integers(1, 10))))
         rows.append([[u, int(i), None, {}, 1, int(t)] for i, t in zip(rng.integers(1, 10, len(ts)), ts)])
+    rows[5][0][5] = day0 * DAY + 17             # the earliest event: column 0 is its day
     cut = {3: 1, 8: 2}
     kept = [rec for line, r in enumerate(rows) for rec in r[:cut.get(line, len(r))]]
     offsets = write_seq(tmp_path / "seq.jsonl", rows)
-    got = D.daily_item_buckets(str(tmp_path / "seq.jsonl"), offsets, cut, 9, day0, day0 + 5)
-    assert got.shape == (10, 6)
-    for d in range(6):
+    first, end, got, lo = D.item_time_stats(str(tmp_path / "seq.jsonl"), offsets, cut, 9, chunk=chunk)
+    assert lo == day0 and end == max(r[5] for r in kept)
+    assert first.tolist() == [min((r[5] for r in kept if r[1] == i), default=D.NEVER) for i in range(10)]
+    assert got.shape == (10, end // DAY - day0 + 1)
+    for d in range(got.shape[1]):
         on_day = [r[1] for r in kept if r[5] // DAY == day0 + d]
         for i in range(10):
             assert got[i, d] == naive_bucket(on_day.count(i), len(on_day), 9), (i, d)
