@@ -164,6 +164,11 @@ def parser() -> argparse.ArgumentParser:
     flag("--item_recent", False, "a learned score bias by the item's share of recent events: in training the share of "
          "the calendar day before each request; at inference the share of the served histories' events in the day "
          "after the training data ends (without any, the training's last day). Off without real timestamps")
+    g.add_argument("--content_channel", type=int, default=0,
+                   help="K > 0: K more score coordinates, a linear map of the item's raw multimodal vectors (no id) "
+                        "against a linear map of the query state, the same for items with and without training "
+                        "events, so what it learns about tastes carries to cold items (0: off; off without "
+                        "--mm_emb_id vectors)")
     g.add_argument("--cold_neighbors", type=int, default=0,
                    help="score a candidate without training events (a cold item) as the mean of the vectors of its "
                         "K nearest trained candidates by multimodal-vector cosine, keeping its own item-age bias; "
@@ -266,12 +271,12 @@ _INT_MIN = {"maxlen": 1, "hidden_units": 1, "num_blocks": 1, "num_heads": 1, "dq
             "valid_users": 0, "num_workers": 0, "feat_dim": 0, "new_item_events": 0, "warmup_steps": 0, "max_steps": 0, "eval_every": 0,
             "patience": 0, "ckpt_every_steps": 0, "keep_last_ckpts": 0, "num_neg": -1, "num_epochs": 1,
             "limit_users": 1, "seed": 0, "valid_seed": 0, "senet_reduction": 1, "rope_dim": 0, "prefetch_factor": 1,
-            "cold_neighbors": 0}
+            "cold_neighbors": 0, "content_channel": 0}
 # Upper bounds: far above any real run, low enough that a typo (an extra zero, 2**63) is a one-line
 # error naming the flag instead of an allocation failure or an overflow deep in torch or numpy.
 # Every other int flag (step and epoch counts, --patience, ...) stops at _INT_CAP.
 _INT_CAP = 10**12
-_INT_MAX = {"maxlen": 1_000_000, "hidden_units": 65536, "feat_dim": 65536, "dqk": 65536, "dv": 65536,
+_INT_MAX = {"maxlen": 1_000_000, "hidden_units": 65536, "feat_dim": 65536, "content_channel": 65536, "dqk": 65536, "dv": 65536,
             "num_blocks": 1000, "num_heads": 4096, "rel_pos_buckets": 1_000_000, "rel_time_buckets": 1_000_000,
             "batch_size": 1_000_000, "num_neg": 1_000_000, "in_batch_max": 1_000_000, "hard_neg_k": 100_000,
             "hard_neg_pool": 100_000_000, "num_workers": 1024, "gradient_accumulation_steps": 1_000_000,

@@ -90,6 +90,7 @@ class ModelConfig:
     cold_neighbors: int = 0           # a cold candidate scored as the mean of its K nearest trained items by content
     age_unseen: str = "bias"          # item_age, training: an item first seen after a request is mask = no candidate; bias = one with a learned bias
     item_recent: bool = False         # a learned score bias by the item's share of recent events (the day before a request)
+    content_channel: int = 0          # K > 0: K more score coordinates matching the query to the item's raw multimodal vectors, no id
 
     # Fields added after checkpoints were first written, each with the value that reproduces a
     # checkpoint written before it existed; renamed, removed and moved fields
@@ -478,6 +479,17 @@ class GenerativeRecommender(nn.Module):
             self.register_buffer("recent_ref", torch.zeros((), dtype=torch.long))
             self.register_buffer("recent_bucket", torch.zeros(data.num_items + 1, dtype=torch.uint8))
             self.recent_bias = nn.Parameter(torch.zeros(RECENT_BUCKETS))
+        if cfg.content_channel:
+            # The content channel: a linear map of the item's raw multimodal vectors (no id, no
+            # tower) scored against a linear map of the query state. Its K coordinates are the
+            # same function for an item with training events and for one without, so what training
+            # learns there about tastes and content carries to cold items whole; the tower's
+            # output is dominated by id rows that a cold item does not have. The query side
+            # starts at zero: the channel opens as training finds it useful.
+            mm_total = sum(data.mm_dims.values())
+            self.content_item = nn.Linear(mm_total, cfg.content_channel, bias=False)
+            self.content_query = nn.Linear(d, cfg.content_channel, bias=False)
+            nn.init.zeros_(self.content_query.weight)
         self.user_tower = FeatureTower(data.num_users if cfg.use_user_id else 0, data.user_sparse, data.user_array, {},
                                        False, d, f, cfg.use_senet, cfg.emb_init_std, senet_reduction=cfg.senet_reduction)
         self.type_emb = nn.Embedding(3, d) if cfg.use_type_emb else None
@@ -665,7 +677,7 @@ class GenerativeRecommender(nn.Module):
     @property
     def vector_dim(self) -> int:
         """Width of the vectors retrieval ranks (user_vectors, item_vectors)."""
-        return self.cfg.hidden_units + int(self.has_pair_bias())
+        return self.cfg.hidden_units + self.cfg.content_channel + int(self.has_pair_bias())
 
     @staticmethod
     def _sub(batch, prefix):
@@ -685,6 +697,22 @@ class GenerativeRecommender(nn.Module):
         else:
             x["id"] = ids.clamp(min=0)
         return self.item_tower(x)
+
+    def content_of(self, batch: dict, prefix: str) -> torch.Tensor:
+        """The content channel's item side [..., K]: a linear map of the raw multimodal vectors,
+        each missing one contributing nothing (an item without any scores 0 there)."""
+        x = self._sub(batch, prefix)
+        parts = [x[f"mm_{fid}"].float() * x["mm_mask"][..., j].unsqueeze(-1).float()
+                 for j, fid in enumerate(self.data.mm_dims)]
+        return self.content_item(torch.cat(parts, -1))
+
+    def scored_items(self, batch: dict, prefix: str) -> torch.Tensor:
+        """Item vectors as scores use them, before normalize: the tower's output [..., d], and
+        with content_channel its K content coordinates after it [..., d + K]."""
+        v = self.embed_items(batch, prefix)
+        if not self.cfg.content_channel:
+            return v
+        return torch.cat([v, self.content_of(batch, prefix).to(v.dtype)], -1)
 
     def token_types(self, batch: dict) -> torch.Tensor:
         """Token types [B, T] as the encoder sees them: without the user token it is padding."""
@@ -749,11 +777,22 @@ class GenerativeRecommender(nn.Module):
         """Query vectors from encoder states; next_action (action id + 1) conditions the head."""
         if self.next_action_emb is not None and next_action is not None:
             h = h + self.next_action_emb(next_action)
-        return self.head(h) if self.head is not None else h
+        q = self.head(h) if self.head is not None else h
+        if not self.cfg.content_channel:
+            return q
+        return torch.cat([q, self.content_query(h)], -1)                                         # [..., d + K]
 
     def normalize(self, v: torch.Tensor) -> torch.Tensor:
-        """Vectors as they are scored (float32): unit length for cosine scoring, as-is for dot."""
-        return F.normalize(v.float(), dim=-1) if self.cfg.score == "cosine" else v.float()
+        """Vectors as they are scored (float32): unit length for cosine scoring, as-is for dot.
+        The content channel's K coordinates (after the first d) are never normalised: their dot
+        product is a score term of its own, not part of the cosine."""
+        v = v.float()
+        if self.cfg.score != "cosine":
+            return v
+        if not self.cfg.content_channel:
+            return F.normalize(v, dim=-1)
+        d = self.cfg.hidden_units
+        return torch.cat([F.normalize(v[..., :d], dim=-1), v[..., d:]], -1)
 
     @torch.no_grad()
     def user_vectors(self, batch: dict) -> torch.Tensor:
@@ -764,4 +803,4 @@ class GenerativeRecommender(nn.Module):
 
     @torch.no_grad()
     def item_vectors(self, batch: dict, prefix: str = "cand_") -> torch.Tensor:
-        return self.score_items(self.embed_items(batch, prefix), batch[prefix + "id"])
+        return self.score_items(self.scored_items(batch, prefix), batch[prefix + "id"])

@@ -256,13 +256,13 @@ class Trainer(torch.nn.Module):
         valid = (batch["pos_row"] > 0) & (m.token_types(batch) != PAD)    # [B, T]
         pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
         q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
-        negs = m.embed_items(batch, "neg_") if c.num_neg else None
+        negs = m.scored_items(batch, "neg_") if c.num_neg else None
         # full softmax without per-target inputs (leave-one-out CTR, extra negatives) is plain
         # cross-entropy over the catalogue's vectors: no separate target tower, no masks
         # (a target shown as a new item has its own input too: see dataset_packed.PackedCollate)
         fast = (c.full_softmax and not m.data.use_itemctr and not c.rank_pkg_as_neg and "hard_row" not in batch
                 and not m.data.new_item_events)
-        pos = None if fast else m.embed_items(batch, "pos_")[batch["pos_inv"][valid]]
+        pos = None if fast else m.scored_items(batch, "pos_")[batch["pos_inv"][valid]]
         # dot scoring has no temperature: the vectors' norms set the logits' scale
         cosine = m.cfg.score == "cosine"
         tau = torch.full(pos_ids.shape, c.temperature if cosine else 1.0, device=q.device)
@@ -288,14 +288,14 @@ class Trainer(torch.nn.Module):
         pkg = pkg_ids = None
         hard, hard_ids = [], []
         if "pkg_row" in batch:
-            pkg = m.normalize(m.embed_items(batch, "pkg_")[batch["pkg_inv"][valid]])             # [N, 5, d]
+            pkg = m.normalize(m.scored_items(batch, "pkg_")[batch["pkg_inv"][valid]])             # [N, 5, d]
             pkg_ids = batch["pkg_row"][valid] * (batch["pkg_grade"][valid] > 0)
             if c.rank_pkg_as_neg:
                 hard, hard_ids = [pkg], [pkg_ids]
         if "hard_row" in batch:
             B, K = batch["hard_row"].shape
             user_of = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)[valid]     # [N]
-            hv = m.normalize(m.embed_items(batch, "hard_")).view(B, K, -1)                     # [B, K, d]
+            hv = m.normalize(m.scored_items(batch, "hard_")).view(B, K, -1)                     # [B, K, d]
             hard.append(hv[user_of])                                                          # [N, K, d]
             hard_ids.append(batch["hard_row"][user_of])
         if fast:

@@ -238,6 +238,9 @@ def build_training(cfg: RunConfig, paths: dict, device: torch.device, rank: int 
     if (cfg.model.item_age or cfg.model.item_recent) and not D.dataset_has_timestamps(paths["data"]):
         say("notice: this dataset has no real timestamps; the item-age and recent-activity biases switched off")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_age=False, item_recent=False))
+    if cfg.model.content_channel and not data_cfg.mm_emb_id:
+        say("notice: --content_channel maps multimodal vectors, and this run reads none: switched off")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, content_channel=0))
     if cfg.model.cold_neighbors and not data_cfg.mm_emb_id:
         say("notice: --cold_neighbors compares multimodal vectors, and this run reads none: switched off")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cold_neighbors=0))
