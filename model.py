@@ -14,7 +14,9 @@ item_recent, a learned bias by the item's share of recent events joins the same 
 training the share of the calendar day before each request, at inference the share of the events
 the served histories hold in the day after the training data ends (the training's last day
 without any), so a new item that users have already met on the serving side is not scored as
-unknown.
+unknown. With content_channel, K more coordinates score a linear map of the query state against a
+linear map of the item's raw multimodal vectors, outside the cosine: the tower's output leans on id
+rows a cold item does not have, this term is the same for items with and without training events.
 
 Differences from the HSTU paper: softmax attention is the default (the paper's pointwise SiLU
 is `hstu_attn="silu"`, normalised by the number of visible keys rather than the padded length so
