@@ -276,8 +276,9 @@ _INT_MIN = {"maxlen": 1, "hidden_units": 1, "num_blocks": 1, "num_heads": 1, "dq
 # error naming the flag instead of an allocation failure or an overflow deep in torch or numpy.
 # Every other int flag (step and epoch counts, --patience, ...) stops at _INT_CAP.
 _INT_CAP = 10**12
-_INT_MAX = {"maxlen": 1_000_000, "hidden_units": 65536, "feat_dim": 65536, "content_channel": 65536, "dqk": 65536, "dv": 65536,
-            "num_blocks": 1000, "num_heads": 4096, "rel_pos_buckets": 1_000_000, "rel_time_buckets": 1_000_000,
+_INT_MAX = {"maxlen": 1_000_000, "hidden_units": 65536, "feat_dim": 65536, "dqk": 65536, "dv": 65536,
+            "content_channel": 65536, "num_blocks": 1000, "num_heads": 4096, "rel_pos_buckets": 1_000_000,
+            "rel_time_buckets": 1_000_000,
             "batch_size": 1_000_000, "num_neg": 1_000_000, "in_batch_max": 1_000_000, "hard_neg_k": 100_000,
             "hard_neg_pool": 100_000_000, "num_workers": 1024, "gradient_accumulation_steps": 1_000_000,
             "seed": 2**32 - 1 - 65536, "valid_seed": 2**32 - 1}      # numpy seeds are below 2^32 (seed + rank)

@@ -288,14 +288,14 @@ class Trainer(torch.nn.Module):
         pkg = pkg_ids = None
         hard, hard_ids = [], []
         if "pkg_row" in batch:
-            pkg = m.normalize(m.scored_items(batch, "pkg_")[batch["pkg_inv"][valid]])             # [N, 5, d]
+            pkg = m.normalize(m.scored_items(batch, "pkg_")[batch["pkg_inv"][valid]])             # [N, 5, d + content]
             pkg_ids = batch["pkg_row"][valid] * (batch["pkg_grade"][valid] > 0)
             if c.rank_pkg_as_neg:
                 hard, hard_ids = [pkg], [pkg_ids]
         if "hard_row" in batch:
             B, K = batch["hard_row"].shape
             user_of = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)[valid]     # [N]
-            hv = m.normalize(m.scored_items(batch, "hard_")).view(B, K, -1)                     # [B, K, d]
+            hv = m.normalize(m.scored_items(batch, "hard_")).view(B, K, -1)                     # [B, K, d + content]
             hard.append(hv[user_of])                                                          # [N, K, d]
             hard_ids.append(batch["hard_row"][user_of])
         if fast:
