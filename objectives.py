@@ -255,7 +255,7 @@ class Trainer(torch.nn.Module):
         h = m.encode(batch)                                                # [B, T, d]
         valid = (batch["pos_row"] > 0) & (m.token_types(batch) != PAD)    # [B, T]
         pos_act, pos_ids = batch["pos_action"][valid], batch["pos_row"][valid]
-        q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d]
+        q = m.query(h[valid], pos_act if m.cfg.action_cond else None)     # [N, d + content]
         negs = m.scored_items(batch, "neg_") if c.num_neg else None
         # full softmax without per-target inputs (leave-one-out CTR, extra negatives) is plain
         # cross-entropy over the catalogue's vectors: no separate target tower, no masks
@@ -296,7 +296,7 @@ class Trainer(torch.nn.Module):
             B, K = batch["hard_row"].shape
             user_of = torch.arange(B, device=h.device).unsqueeze(1).expand_as(valid)[valid]     # [N]
             hv = m.normalize(m.scored_items(batch, "hard_")).view(B, K, -1)                     # [B, K, d + content]
-            hard.append(hv[user_of])                                                          # [N, K, d]
+            hard.append(hv[user_of])                                                          # [N, K, d + content]
             hard_ids.append(batch["hard_row"][user_of])
         if fast:
             # 1/tau folded into the queries: one pass less over the [N, num_items] matrix
@@ -328,7 +328,7 @@ class Trainer(torch.nn.Module):
                                       c.rank_level_weights)
         total = sum(self.weights[name] * value for name, value in parts.items())
         nxt = torch.full_like(batch["user_id"], CLICK) if m.cfg.action_cond else None
-        last = m.score_queries(m.query(h[:, -1], nxt).detach())                              # [B, d]
+        last = m.score_queries(m.query(h[:, -1], nxt).detach())                              # [B, d + content + bias]
         return total, parts, last
 
 
