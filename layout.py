@@ -17,6 +17,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -497,6 +498,26 @@ def children_die_with_me() -> None:
                             after_in_child=lambda: _die_with_parent(_FORK_HOOK["parent"]))
 
 
+def _quiet_when_orphaned(parent: int, wait_s: float = 1.0):
+    """sys.excepthook for a DataLoader worker. Tensors reach the main process over sockets that
+    multiprocessing's resource-sharer thread serves; when the main process is SIGKILLed its end of a
+    socket closes before the kernel sends this worker PR_SET_PDEATHSIG, and the thread's EOF was
+    printed as a half traceback into the shared stderr. Such a connection error waits up to
+    wait_s for the parent to go: if it does (or the signal comes first), nothing is printed; with
+    the parent alive, or any other error, the traceback is printed as before."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, (EOFError, ConnectionError)):
+            end = time.monotonic() + wait_s
+            while os.getppid() == parent and time.monotonic() < end:
+                time.sleep(0.01)
+            if os.getppid() != parent:
+                return
+        default(kind, value, tb)
+    return hook
+
+
 def worker_signals(keep_on_term: bool = False) -> None:
     """In a DataLoader worker (worker_init_fn): stop signals are the main process's to handle (it
     unwinds and stops its workers), so a worker ignores Ctrl-C sent to the whole process group.
@@ -504,7 +525,8 @@ def worker_signals(keep_on_term: bool = False) -> None:
     the main process's shutdown also sends SIGTERM to a worker stuck in a batch), unless
     keep_on_term: training's workers live on to deliver the batch its main process needs to reach
     a checkpoint. A worker dies with its parent, even one killed by SIGKILL, instead of living on
-    as an orphan (Linux: PR_SET_PDEATHSIG)."""
+    as an orphan (Linux: PR_SET_PDEATHSIG), and prints nothing about the parent's sockets closing
+    under it on the way (_quiet_when_orphaned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN if keep_on_term else _quiet_exit)
@@ -512,6 +534,7 @@ def worker_signals(keep_on_term: bool = False) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None:
         _die_with_parent(parent.pid)
+        sys.excepthook = _quiet_when_orphaned(parent.pid)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -509,6 +509,27 @@ def test_a_forked_child_dies_with_a_killed_parent_before_its_init(hook):
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def test_a_worker_prints_no_connection_error_once_its_parent_is_gone(monkeypatch, capsys):
+    """A DataLoader worker's excepthook: a connection error (the resource sharer's socket to a
+    SIGKILLed main process) prints nothing once the parent is gone; with the parent alive, and for
+    any other error, the traceback is printed as before."""
+    def raised(exc):
+        try:
+            raise exc
+        except Exception:
+            return sys.exc_info()
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    for parent_gone in (False, True):
+        parent = os.getppid() + (1 if parent_gone else 0)         # another pid: getppid() says it is gone
+        hook = L._quiet_when_orphaned(parent, wait_s=0.05)
+        for exc in (EOFError("eof"), ConnectionResetError("reset"), ValueError("other")):
+            hook(*raised(exc))
+            err = capsys.readouterr().err
+            printed = not parent_gone or isinstance(exc, ValueError)
+            assert (f"{type(exc).__name__}: {exc}" in err and "Traceback" in err) == printed, (parent_gone, exc, err)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_training_stopped_by_a_signal(data, tmp_path, sig):
     """SIGTERM to main.py once it checkpoints (its worker running): a checkpoint, one line, 143;
