@@ -6,8 +6,8 @@
 Rows, each added to the one before: `id only` (the plain id row: a cold item is noise), `+
 content` (the item tower adds features and multimodal / content vectors, cold ids keep their
 untrained rows), `+ semantic ids` (precompute_sid.py's codes join the features), `+ cold rule`
-(configs/cold.toml's rule: cold ids masked to row 0, item ids dropped in training so the features
-learn to carry an item alone); `content + item age` is `+ content` with the item-age bias (a
+(configs/cold.toml's rule, semantic ids kept: cold ids masked to the new-item row, item ids dropped
+in training so the features learn to carry an item alone); `content + item age` is `+ content` with the item-age bias (a
 cold item counts as the newest). Every run is the product's own commands: precompute_ctr.py /
 precompute_sid.py, main.py (the base config, its validation picks the checkpoint), infer.py,
 then evaluate.py --train_dir, whose cold/warm split (cold: no event in train/seq.jsonl) is
@@ -32,7 +32,7 @@ ROWS = {
     "id only": ["--item_tower", "id", "--cold_ids", "keep", "--use_sid", "0", "--item_id_dropout", "0"],
     "+ content": ["--item_tower", "add", "--cold_ids", "keep", "--use_sid", "0", "--item_id_dropout", "0"],
     "+ semantic ids": ["--item_tower", "add", "--cold_ids", "keep", "--use_sid", "1", "--item_id_dropout", "0"],
-    "+ cold rule": ["--item_tower", "add", "--config", "cold"],
+    "+ cold rule": ["--item_tower", "add", "--config", "cold", "--use_sid", "1"],
     "content + item age": ["--item_tower", "add", "--cold_ids", "keep", "--use_sid", "0", "--item_id_dropout", "0",
                            "--item_age", "1"],
 }

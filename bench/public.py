@@ -9,7 +9,7 @@ With --cold_items a share of the items is made cold (convert_public.py's protoco
 in training, still candidates, with their content vector) and the table adds cold/warm targets and
 the content-only baseline (bench/content_baseline.py) beside the model. Semantic ids
 (precompute_sid.py) are computed into each run's cache whenever the converted data has content
-vectors, so `--use_sid` (configs/cold.toml) finds them.
+vectors, so `-- --use_sid 1` finds them.
 
 Protocol (docs/BENCHMARKS_PROTOCOL.md): leave-one-out split (convert_public.py), full ranking over every
 item with the user's input history masked, ties counted against the target; the checkpoint is
