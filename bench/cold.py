@@ -3,18 +3,17 @@
     python bench/cold.py --data data/demo --seeds 2 --max_epochs 15
     python bench/cold.py --data runs/ml100k-cold/data --base movielens --seeds 2
 
-Rows, each added to the one before: `id only` (the plain id row: a cold item is noise), `+
-content` (the item tower adds features and multimodal / content vectors, cold ids keep their
-untrained rows), `+ semantic ids` (precompute_sid.py's codes join the features), `+ cold rule`
-(configs/cold.toml's rule, semantic ids kept: cold ids masked to the new-item row, item ids dropped
-in training so the features learn to carry an item alone); `content + item age` is `+ content` with the item-age bias (a
-cold item counts as the newest). Every run is the product's own commands: precompute_ctr.py /
-precompute_sid.py, main.py (the base config, its validation picks the checkpoint), infer.py,
-then evaluate.py --train_dir, whose cold/warm split (cold: no event in train/seq.jsonl) is
-reported. --data is a demo folder (train/, eval/: validation held out of the training users,
-the eval folder scored) or a convert_public.py folder (train/, valid/, test/: validation on
-valid/, test/ scored). Prints a table (mean over seeds) and appends it to BENCHMARKS.md with the
-command, date and machine.
+Rows, each added to the one before: `id only` (the plain id row: a cold item is noise), `+ content`
+(the item tower adds features and multimodal / content vectors, cold ids keep their untrained rows),
+`+ semantic ids` (precompute_sid.py's codes join the features), `+ cold rule` (configs/cold.toml's
+rule, semantic ids kept: cold ids masked to the new-item row, item ids dropped in training so the
+features learn to carry an item alone); `content + item age` is `+ content` with the item-age bias
+(a cold item counts as the newest). Every run is the product's own commands: precompute_ctr.py /
+precompute_sid.py, main.py (the base config, its validation picks the checkpoint), infer.py, then
+evaluate.py --train_dir, whose cold/warm split (cold: no event in train/seq.jsonl) is reported.
+--data is a demo folder (train/, eval/: validation held out of the training users, the eval folder
+scored) or a convert_public.py folder (train/, valid/, test/: validation on valid/, test/ scored).
+Prints a table (mean over seeds) and appends it to BENCHMARKS.md with the command, date and machine.
 """
 import argparse
 import datetime
